@@ -1,0 +1,275 @@
+// CPU kernels: LayerNorm, add+LayerNorm, RMSNorm (forward and backward).
+// fp32 accumulation for every dtype; rows in parallel; two-pass mean/variance on an
+// fp32 copy of the row (in cache), which is more accurate than one-pass Welford.
+#include <ATen/ATen.h>
+
+#include "../include/pyllm/checks.h"
+#include "../ops.h"
+#include "common.h"
+
+namespace pyllm::cpu {
+namespace {
+
+const float* opt_float_ptr(const std::optional<at::Tensor>& t, at::Tensor& holder) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  holder = t->to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& input_,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          double eps) {
+  check_norm_input(input_);
+  check_norm_param(weight, input_, "weight");
+  check_norm_param(bias, input_, "bias");
+  const at::Tensor input = input_.contiguous();
+  const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
+  at::Tensor out = at::empty_like(input);
+  auto stat_shape = input.sizes().vec();
+  stat_shape.pop_back();
+  at::Tensor mean = at::empty(stat_shape, input.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty(stat_shape, input.options().dtype(at::kFloat));
+  if (input.numel() == 0) return {out, mean.zero_(), rstd.zero_()};
+  at::Tensor wh, bh;
+  const float* w = opt_float_ptr(weight, wh);
+  const float* b = opt_float_ptr(bias, bh);
+  PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_layer_norm_cpu", [&] {
+    const scalar_t* x = input.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    float* mp = mean.data_ptr<float>();
+    float* rp = rstd.data_ptr<float>();
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      std::vector<float> xb(n), yb(n);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* xr = load_row(x + r * n, xb.data(), n);
+        const float mu = row::sum(xr, n) / (float)n;
+        const float var = row::sq_dev_sum(xr, n, mu) / (float)n;
+        const float rs = 1.f / std::sqrt(var + (float)eps);
+        float* yr = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(y + r * n) : yb.data();
+        row::layer_norm(xr, yr, n, mu, rs, w, b);
+        store_row(yr, y + r * n, n);
+        mp[r] = mu;
+        rp[r] = rs;
+      }
+    });
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
+    const at::Tensor& input_, const at::Tensor& residual_, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_norm_input(input_);
+  PYLLM_CHECK_FLOAT(residual_, "residual");
+  PYLLM_CHECK_SAME_DEVICE(residual_, input_, "residual", "input");
+  TORCH_CHECK(residual_.sizes() == input_.sizes() && residual_.scalar_type() == input_.scalar_type(),
+              "pyllm: residual must have the input's shape ", input_.sizes(), " and dtype ",
+              input_.scalar_type(), ", got ", residual_.sizes(), " ", residual_.scalar_type());
+  check_norm_param(weight, input_, "weight");
+  check_norm_param(bias, input_, "bias");
+  const at::Tensor input = input_.contiguous(), residual = residual_.contiguous();
+  const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
+  at::Tensor out = at::empty_like(input), summed = at::empty_like(input);
+  auto stat_shape = input.sizes().vec();
+  stat_shape.pop_back();
+  at::Tensor mean = at::empty(stat_shape, input.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty(stat_shape, input.options().dtype(at::kFloat));
+  if (input.numel() == 0) return {out, summed, mean.zero_(), rstd.zero_()};
+  at::Tensor wh, bh;
+  const float* w = opt_float_ptr(weight, wh);
+  const float* b = opt_float_ptr(bias, bh);
+  PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_add_layer_norm_cpu", [&] {
+    const scalar_t* x = input.data_ptr<scalar_t>();
+    const scalar_t* res = residual.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    scalar_t* s = summed.data_ptr<scalar_t>();
+    float* mp = mean.data_ptr<float>();
+    float* rp = rstd.data_ptr<float>();
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      std::vector<float> xb(n), rb(n), sb(n), yb(n);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* xr = load_row(x + r * n, xb.data(), n);
+        const float* rr = load_row(res + r * n, rb.data(), n);
+        float* sr = sb.data();
+        row::add(xr, rr, sr, n);
+        store_row(sr, s + r * n, n);
+        // Normalize the sum as stored (rounded to the input dtype), as add + layer_norm does.
+        round_through(input.scalar_type(), sr, n);
+        const float mu = row::sum(sr, n) / (float)n;
+        const float var = row::sq_dev_sum(sr, n, mu) / (float)n;
+        const float rs = 1.f / std::sqrt(var + (float)eps);
+        float* yr = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(y + r * n) : yb.data();
+        row::layer_norm(sr, yr, n, mu, rs, w, b);
+        store_row(yr, y + r * n, n);
+        mp[r] = mu;
+        rp[r] = rs;
+      }
+    });
+  });
+  return {out, summed, mean, rstd};
+}
+
+// Shared by LayerNorm and RMSNorm backward: per-thread partial weight/bias grads.
+template <typename F>
+static void rows_with_partials(int64_t rows, int64_t n, int nparts, at::Tensor& partial, F&& body) {
+  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  partial = at::zeros({nt, nparts, n}, at::kFloat);
+  float* pp = partial.data_ptr<float>();
+  const int64_t chunk = (rows + nt - 1) / nt;
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t begin = t * chunk, end = std::min(rows, begin + chunk);
+      body(begin, end, pp + t * nparts * n);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
+    const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean_,
+    const at::Tensor& rstd_, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& grad_extra) {
+  check_norm_input(input_);
+  TORCH_CHECK(grad_out_.sizes() == input_.sizes(), "pyllm: grad_out must have shape ",
+              input_.sizes(), ", got ", grad_out_.sizes());
+  check_norm_param(weight, input_, "weight");
+  const at::Tensor input = input_.contiguous(), dy_t = grad_out_.to(input.scalar_type()).contiguous();
+  const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
+  const bool has_w = weight.has_value() && weight->defined();
+  at::Tensor dx = at::empty_like(input);
+  at::Tensor wh;
+  const float* w = opt_float_ptr(weight, wh);
+  at::Tensor extra;
+  if (grad_extra.has_value() && grad_extra->defined())
+    extra = grad_extra->to(input.scalar_type()).contiguous();
+  at::Tensor partial;
+  if (rows > 0) {
+    PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_layer_norm_bwd_cpu", [&] {
+      const scalar_t* x = input.data_ptr<scalar_t>();
+      const scalar_t* dy = dy_t.data_ptr<scalar_t>();
+      const scalar_t* ex = extra.defined() ? extra.data_ptr<scalar_t>() : nullptr;
+      scalar_t* dxp = dx.data_ptr<scalar_t>();
+      const float* mp = mean.data_ptr<float>();
+      const float* rp = rstd.data_ptr<float>();
+      rows_with_partials(rows, n, 2, partial, [&](int64_t begin, int64_t end, float* part) {
+        std::vector<float> xb(n), dyb(n), dxb(n), eb(n);
+        for (int64_t r = begin; r < end; ++r) {
+          const float* xr = load_row(x + r * n, xb.data(), n);
+          const float* dyr = load_row(dy + r * n, dyb.data(), n);
+          row::layer_norm_backward(dyr, xr, w, mp[r], rp[r], dxb.data(), part, part + n, n);
+          if (ex) row::add(dxb.data(), load_row(ex + r * n, eb.data(), n), dxb.data(), n);
+          store_row(dxb.data(), dxp + r * n, n);
+        }
+      });
+    });
+  }
+  at::Tensor dw, db;
+  if (has_w) {
+    if (rows > 0) {
+      at::Tensor s = partial.sum(0);
+      dw = s[0].to(weight->scalar_type());
+      db = s[1].to(weight->scalar_type());
+    } else {
+      dw = at::zeros({n}, weight->options());
+      db = at::zeros({n}, weight->options());
+    }
+  } else {
+    dw = at::empty({0}, input.options());
+    db = at::empty({0}, input.options());
+  }
+  return {dx, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& input_,
+                                            const std::optional<at::Tensor>& weight, double eps,
+                                            std::optional<at::ScalarType> round_dtype,
+                                            double weight_offset, at::ScalarType out_dtype) {
+  check_norm_input(input_);
+  check_norm_param(weight, input_, "weight");
+  TORCH_CHECK(is_supported_float(out_dtype), "pyllm: out_dtype must be a float type");
+  const at::Tensor input = input_.contiguous();
+  const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
+  at::Tensor out = at::empty(input.sizes(), input.options().dtype(out_dtype));
+  auto stat_shape = input.sizes().vec();
+  stat_shape.pop_back();
+  at::Tensor rstd = at::empty(stat_shape, input.options().dtype(at::kFloat));
+  if (input.numel() == 0) return {out, rstd.zero_()};
+  at::Tensor wh;
+  const float* w = opt_float_ptr(weight, wh);
+  const float off = (float)weight_offset;
+  const at::ScalarType rd = round_dtype.value_or(at::kFloat);
+  PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_rms_norm_cpu", [&] {
+    using in_t = scalar_t;
+    const in_t* x = input.data_ptr<in_t>();
+    float* rp = rstd.data_ptr<float>();
+    PYLLM_DISPATCH_FLOATING(out_dtype, "pyllm_rms_norm_cpu_out", [&] {
+      scalar_t* y = out.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+        std::vector<float> xb(n), yb(n);
+        for (int64_t r = begin; r < end; ++r) {
+          const float* xr = load_row(x + r * n, xb.data(), n);
+          const float rs = 1.f / std::sqrt(row::sq_sum(xr, n) / (float)n + (float)eps);
+          row::scale(xr, yb.data(), n, rs);
+          round_through(rd, yb.data(), n);
+          row::mul_weight(yb.data(), w, off, n);
+          store_row(yb.data(), y + r * n, n);
+          rp[r] = rs;
+        }
+      });
+    });
+  });
+  return {out, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_,
+                                                     const at::Tensor& input_,
+                                                     const at::Tensor& rstd_,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     std::optional<at::ScalarType> round_dtype,
+                                                     double weight_offset) {
+  check_norm_input(input_);
+  TORCH_CHECK(grad_out_.sizes() == input_.sizes(), "pyllm: grad_out must have shape ",
+              input_.sizes(), ", got ", grad_out_.sizes());
+  check_norm_param(weight, input_, "weight");
+  const at::Tensor input = input_.contiguous(), rstd = rstd_.contiguous();
+  const at::Tensor dy_t = grad_out_.to(at::kFloat).contiguous();
+  const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
+  const bool has_w = weight.has_value() && weight->defined();
+  at::Tensor dx = at::empty_like(input);
+  at::Tensor wh;
+  const float* w = opt_float_ptr(weight, wh);
+  const float off = (float)weight_offset;
+  const at::ScalarType rd = round_dtype.value_or(at::kFloat);
+  at::Tensor partial;
+  if (rows > 0) {
+    PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_rms_norm_bwd_cpu", [&] {
+      const scalar_t* x = input.data_ptr<scalar_t>();
+      const float* dy = dy_t.data_ptr<float>();
+      scalar_t* dxp = dx.data_ptr<scalar_t>();
+      const float* rp = rstd.data_ptr<float>();
+      rows_with_partials(rows, n, 1, partial, [&](int64_t begin, int64_t end, float* part) {
+        std::vector<float> xb(n), nb(n), dxb(n);
+        for (int64_t r = begin; r < end; ++r) {
+          const float* xr = load_row(x + r * n, xb.data(), n);
+          row::scale(xr, nb.data(), n, rp[r]);
+          round_through(rd, nb.data(), n);
+          row::rms_norm_backward(dy + r * n, xr, nb.data(), w, off, rp[r], dxb.data(),
+                                 has_w ? part : nullptr, n);
+          store_row(dxb.data(), dxp + r * n, n);
+        }
+      });
+    });
+  }
+  at::Tensor dw;
+  if (has_w) {
+    dw = rows > 0 ? partial.sum(0)[0].to(weight->scalar_type()) : at::zeros({n}, weight->options());
+  } else {
+    dw = at::empty({0}, input.options());
+  }
+  return {dx, dw};
+}
+
+}  // namespace pyllm::cpu

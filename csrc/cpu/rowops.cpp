@@ -1,0 +1,221 @@
+#include "rowops.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+// Every hot loop below is plain C++ that GCC vectorizes; target_clones builds one
+// copy per instruction set and the loader picks the best one for this CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define PYLLM_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define PYLLM_MULTIVERSION
+#endif
+
+#define SIMD_SUM _Pragma("omp simd reduction(+ : acc)")
+#define SIMD _Pragma("omp simd")
+
+namespace pyllm::cpu::row {
+namespace {
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// IEEE fp16 <-> fp32, branch-free so loops vectorize; round-to-nearest-even.
+inline float h2f(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  // Normal and subnormal numbers via a multiply by 2^112 of the shifted bits.
+  float mag = bits_to_float(em << 13) * 5.192296858534828e+33f;  // 2^112
+  const uint32_t infnan = (em >= 0x7c00u) ? (0x7f800000u | (em & 0x3ffu) << 13) : 0u;
+  const uint32_t bits = infnan ? infnan : float_to_bits(mag);
+  return bits_to_float(sign | bits);
+}
+inline uint16_t f2h(float f) {
+  const uint32_t x = float_to_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7fffffffu;
+  uint32_t out;
+  if (ax > 0x7f800000u) {
+    out = 0x7e00u;  // NaN
+  } else if (ax >= 0x477ff000u) {
+    out = 0x7c00u;  // overflow -> inf (values that round to >= 65520)
+  } else if (ax < 0x38800000u) {
+    // subnormal or zero: let the FPU round by adding 0.5 (2^-1)
+    const float a = bits_to_float(ax) + 0.5f;
+    out = float_to_bits(a) - 0x3f000000u;
+  } else {
+    const uint32_t mant_odd = (ax >> 13) & 1u;
+    out = (ax + 0xc8000fffu + mant_odd) >> 13;  // rebias (-112<<23) and round to nearest even
+  }
+  return (uint16_t)(sign | out);
+}
+inline float bf2f(uint16_t b) { return bits_to_float((uint32_t)b << 16); }
+inline uint16_t f2bf(float f) {
+  const uint32_t x = float_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);  // quiet NaN
+  return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// exp(x) for x <= 0 (softmax after max subtraction), ~1 ulp, vectorizable.
+inline float exp_neg(float x) {
+  x = x < -88.f ? -88.f : x;
+  const float log2e = 1.44269504088896341f;
+  const float n = std::nearbyint(x * log2e);
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (int32_t)n + 127;
+  return p * bits_to_float((uint32_t)e << 23);
+}
+
+}  // namespace
+
+PYLLM_MULTIVERSION void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  SIMD for (int64_t i = 0; i < n; ++i) dst[i] = h2f(src[i]);
+}
+PYLLM_MULTIVERSION void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
+  SIMD for (int64_t i = 0; i < n; ++i) dst[i] = bf2f(src[i]);
+}
+PYLLM_MULTIVERSION void float_to_half(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f2h(src[i]);
+}
+PYLLM_MULTIVERSION void float_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  SIMD for (int64_t i = 0; i < n; ++i) dst[i] = f2bf(src[i]);
+}
+PYLLM_MULTIVERSION void round_through_half(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = h2f(f2h(x[i]));
+}
+PYLLM_MULTIVERSION void round_through_bf16(float* x, int64_t n) {
+  SIMD for (int64_t i = 0; i < n; ++i) x[i] = bf2f(f2bf(x[i]));
+}
+
+PYLLM_MULTIVERSION float sum(const float* x, int64_t n) {
+  float acc = 0.f;
+  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += x[i];
+  return acc;
+}
+PYLLM_MULTIVERSION float sq_dev_sum(const float* x, int64_t n, float mean) {
+  float acc = 0.f;
+  SIMD_SUM for (int64_t i = 0; i < n; ++i) {
+    const float d = x[i] - mean;
+    acc += d * d;
+  }
+  return acc;
+}
+PYLLM_MULTIVERSION float sq_sum(const float* x, int64_t n) {
+  float acc = 0.f;
+  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += x[i] * x[i];
+  return acc;
+}
+PYLLM_MULTIVERSION float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+PYLLM_MULTIVERSION float max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+PYLLM_MULTIVERSION void add(const float* a, const float* b, float* out, int64_t n) {
+  SIMD for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+PYLLM_MULTIVERSION void layer_norm(const float* x, float* y, int64_t n, float mean, float rstd,
+                                   const float* w, const float* b) {
+  if (w && b) {
+    SIMD for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+  } else if (w) {
+    SIMD for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd * w[i];
+  } else if (b) {
+    SIMD for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd + b[i];
+  } else {
+    SIMD for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd;
+  }
+}
+PYLLM_MULTIVERSION void scale(const float* x, float* y, int64_t n, float s) {
+  SIMD for (int64_t i = 0; i < n; ++i) y[i] = x[i] * s;
+}
+PYLLM_MULTIVERSION void mul_weight(float* y, const float* w, float offset, int64_t n) {
+  if (!w) return;
+  SIMD for (int64_t i = 0; i < n; ++i) y[i] = y[i] * (w[i] + offset);
+}
+PYLLM_MULTIVERSION float exp_sub_sum(const float* x, float* y, int64_t n, float m) {
+  float acc = 0.f;
+  SIMD_SUM for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_neg(x[i] - m);
+    // x = -inf (masked) gives exactly 0
+    const float v = (x[i] == -std::numeric_limits<float>::infinity()) ? 0.f : e;
+    y[i] = v;
+    acc += v;
+  }
+  return acc;
+}
+PYLLM_MULTIVERSION void layer_norm_backward(const float* dy, const float* x, const float* w,
+                                            float mean, float rstd, float* dx, float* dw,
+                                            float* db, int64_t n) {
+  float sg = 0.f, sgx = 0.f;
+  {
+    float acc = 0.f, acc2 = 0.f;
+    _Pragma("omp simd reduction(+ : acc, acc2)") for (int64_t i = 0; i < n; ++i) {
+      const float g = w ? dy[i] * w[i] : dy[i];
+      const float xh = (x[i] - mean) * rstd;
+      acc += g;
+      acc2 += g * xh;
+    }
+    sg = acc;
+    sgx = acc2;
+  }
+  const float inv_n = 1.f / (float)n;
+  const float mg = sg * inv_n, mgx = sgx * inv_n;
+  SIMD for (int64_t i = 0; i < n; ++i) {
+    const float g = w ? dy[i] * w[i] : dy[i];
+    const float xh = (x[i] - mean) * rstd;
+    dx[i] = rstd * (g - mg - xh * mgx);
+  }
+  if (dw) {
+    SIMD for (int64_t i = 0; i < n; ++i) dw[i] += dy[i] * (x[i] - mean) * rstd;
+  }
+  if (db) {
+    SIMD for (int64_t i = 0; i < n; ++i) db[i] += dy[i];
+  }
+}
+PYLLM_MULTIVERSION void rms_norm_backward(const float* dy, const float* x, const float* nr,
+                                          const float* w, float offset, float rstd, float* dx,
+                                          float* dw, int64_t n) {
+  float acc = 0.f;
+  SIMD_SUM for (int64_t i = 0; i < n; ++i) {
+    const float g = w ? dy[i] * (w[i] + offset) : dy[i];
+    acc += g * x[i] * rstd;
+  }
+  const float m = acc / (float)n;
+  SIMD for (int64_t i = 0; i < n; ++i) {
+    const float g = w ? dy[i] * (w[i] + offset) : dy[i];
+    dx[i] = rstd * (g - x[i] * rstd * m);
+  }
+  if (dw) {
+    SIMD for (int64_t i = 0; i < n; ++i) dw[i] += dy[i] * nr[i];
+  }
+}
+PYLLM_MULTIVERSION void softmax_backward(const float* dy, const float* y, float* dx, int64_t n,
+                                         float s) {
+  float acc = 0.f;
+  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += dy[i] * y[i];
+  SIMD for (int64_t i = 0; i < n; ++i) dx[i] = s * y[i] * (dy[i] - acc);
+}
+
+}  // namespace pyllm::cpu::row

@@ -1,0 +1,50 @@
+// Torch-free fp32 row primitives used by the CPU kernels. Each is compiled for
+// several instruction sets (avx512f, avx2+fma, baseline) and picked at load time
+// (GCC target_clones / ifunc), so the build needs no -march flag.
+#pragma once
+#include <cstdint>
+
+namespace pyllm::cpu::row {
+
+// Conversions between storage types and fp32 (fp16/bf16 given as raw 16-bit words).
+void half_to_float(const uint16_t* src, float* dst, int64_t n);
+void bf16_to_float(const uint16_t* src, float* dst, int64_t n);
+void float_to_half(const float* src, uint16_t* dst, int64_t n);
+void float_to_bf16(const float* src, uint16_t* dst, int64_t n);
+// Round fp32 values in place through fp16 / bf16 (used by HF-style norms).
+void round_through_half(float* x, int64_t n);
+void round_through_bf16(float* x, int64_t n);
+
+float sum(const float* x, int64_t n);
+// sum((x - mean)^2)
+float sq_dev_sum(const float* x, int64_t n, float mean);
+float sq_sum(const float* x, int64_t n);
+float dot(const float* a, const float* b, int64_t n);
+float max(const float* x, int64_t n);
+void add(const float* a, const float* b, float* out, int64_t n);
+
+// y = (x - mean) * rstd * (w ? w : 1) + (b ? b : 0)
+void layer_norm(const float* x, float* y, int64_t n, float mean, float rstd, const float* w,
+                const float* b);
+// y = x * s
+void scale(const float* x, float* y, int64_t n, float s);
+// y = y * (w + offset)  (w may be null: y unchanged)
+void mul_weight(float* y, const float* w, float offset, int64_t n);
+
+// Softmax pieces. x = input*scale + mask, already in fp32 (masked entries -inf).
+// y[i] = exp(x[i] - m); returns the sum.
+float exp_sub_sum(const float* x, float* y, int64_t n, float m);
+
+// LayerNorm backward for one row. g = dy * w (w may be null); xhat = (x - mean) * rstd.
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); accumulates dw += dy * xhat, db += dy.
+void layer_norm_backward(const float* dy, const float* x, const float* w, float mean,
+                         float rstd, float* dx, float* dw, float* db, int64_t n);
+// RMSNorm backward for one row with effective weight (w + offset).
+// n_i = x_i * rstd (optionally rounded: `nr` holds the value the forward used);
+// dx = rstd * (g - n * mean(g * n)), g = dy * (w + offset); dw += dy * nr.
+void rms_norm_backward(const float* dy, const float* x, const float* nr, const float* w,
+                       float offset, float rstd, float* dx, float* dw, int64_t n);
+// Softmax backward: dx = s * y * (dy - dot(dy, y))
+void softmax_backward(const float* dy, const float* y, float* dx, int64_t n, float s);
+
+}  // namespace pyllm::cpu::row

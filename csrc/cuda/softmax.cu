@@ -1,0 +1,155 @@
+// CUDA kernels: softmax(input * scale + mask) over the last dim with bool/additive
+// masks of any broadcast shape and strides, top-left causal masking, and zeros for
+// fully-masked rows; backward dx = scale * y * (dy - sum(dy * y)).
+// One warp per row up to 1024 columns, one block per row beyond: no length limit.
+#include "common.cuh"
+#include "../include/pyllm/broadcast.h"
+#include "../ops.h"
+
+namespace pyllm {
+namespace PYLLM_CUDA_NS {
+namespace {
+
+struct NoMask {};
+
+template <typename M>
+__device__ __forceinline__ float apply_mask(float s, const M* m, int64_t idx) {
+  if constexpr (std::is_same_v<M, NoMask>) {
+    return s;
+  } else if constexpr (std::is_same_v<M, bool>) {
+    return m[idx] ? s : -INFINITY;
+  } else {
+    return s + load_float(m[idx]);
+  }
+}
+
+template <typename T, typename M, bool kWarp>
+__global__ void masked_softmax_fwd_kernel(const T* __restrict__ x, const M* __restrict__ mask,
+                                          RowIndexer mi, T* __restrict__ y, int64_t rows,
+                                          int64_t n, int64_t lq, float scale, bool causal) {
+  __shared__ float scratch[32];
+  RowTeam<kWarp> team(scratch);
+  const bool active = team.row < rows;
+  const int64_t base = active ? team.row * n : 0;
+  const int64_t mbase = active ? mi.offset(team.row) : 0;
+  const int64_t valid = !active ? 0 : (causal ? (team.row % lq + 1 < n ? team.row % lq + 1 : n) : n);
+  float mx = -INFINITY;
+  for (int64_t j = team.tid; j < valid; j += team.size)
+    mx = fmaxf(mx, apply_mask(load_float(x[base + j]) * scale, mask, mbase + j * mi.col_stride));
+  mx = team.max(mx);
+  float acc = 0.f;
+  if (mx != -INFINITY) {
+    for (int64_t j = team.tid; j < valid; j += team.size) {
+      const float s = apply_mask(load_float(x[base + j]) * scale, mask, mbase + j * mi.col_stride);
+      acc += (s == -INFINITY) ? 0.f : expf(s - mx);
+    }
+  }
+  const float total = team.sum(acc);
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  if (active) {
+    for (int64_t j = team.tid; j < n; j += team.size) {
+      float p = 0.f;
+      if (j < valid && mx != -INFINITY) {
+        const float s = apply_mask(load_float(x[base + j]) * scale, mask, mbase + j * mi.col_stride);
+        p = (s == -INFINITY) ? 0.f : expf(s - mx) * inv;
+      }
+      y[base + j] = store_float<T>(p);
+    }
+  }
+}
+
+template <typename T, bool kWarp>
+__global__ void masked_softmax_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+                                          T* __restrict__ dx, int64_t rows, int64_t n, float scale) {
+  __shared__ float scratch[32];
+  RowTeam<kWarp> team(scratch);
+  const bool active = team.row < rows;
+  const int64_t base = active ? team.row * n : 0;
+  float acc = 0.f;
+  if (active)
+    for (int64_t j = team.tid; j < n; j += team.size)
+      acc += load_float(dy[base + j]) * load_float(y[base + j]);
+  const float dot = team.sum(acc);
+  if (active)
+    for (int64_t j = team.tid; j < n; j += team.size) {
+      const float yv = load_float(y[base + j]);
+      dx[base + j] = store_float<T>(scale * yv * (load_float(dy[base + j]) - dot));
+    }
+}
+
+template <typename scalar_t, typename M>
+void launch_fwd(const at::Tensor& input, const M* mask, const RowIndexer& mi, at::Tensor& out,
+                float scale, bool causal) {
+  using T = typename CudaType<scalar_t>::type;
+  const int64_t n = input.size(-1), rows = input.numel() / n;
+  const int64_t lq = input.dim() >= 2 ? input.size(-2) : 1;
+  const RowLaunch L = row_launch(rows, n);
+  auto k = L.warp_per_row ? masked_softmax_fwd_kernel<T, M, true> : masked_softmax_fwd_kernel<T, M, false>;
+  PYLLM_LAUNCH(k, L.grid, L.block, 0, PYLLM_STREAM(), cuda_ptr<scalar_t>(input), mask, mi,
+               cuda_ptr<scalar_t>(out), rows, n, lq, scale, causal);
+}
+
+}  // namespace
+
+at::Tensor masked_softmax(const at::Tensor& input_, const std::optional<at::Tensor>& mask,
+                          double scale, bool causal) {
+  PYLLM_CHECK_FLOAT(input_, "input");
+  check_kernel_device(input_, "input");
+  TORCH_CHECK(input_.dim() >= 1, "pyllm: input must have at least 1 dimension");
+  TORCH_CHECK(!causal || input_.dim() >= 2, "pyllm: causal=True needs input with >= 2 dims");
+  PYLLM_DEVICE_GUARD(input_);
+  const at::Tensor input = input_.contiguous();
+  at::Tensor out = at::empty_like(input);
+  if (input.numel() == 0) return out;
+  const bool has_mask = mask.has_value() && mask->defined();
+  at::Tensor mfull;
+  RowIndexer mi;
+  if (has_mask) {
+    const auto mt = mask->scalar_type();
+    TORCH_CHECK(mt == at::kBool || is_supported_float(mt),
+                "pyllm: mask must be bool (True = keep) or a float additive mask, got ", mt);
+    PYLLM_CHECK_SAME_DEVICE(*mask, input, "mask", "input");
+    TORCH_CHECK(mask->dim() <= input.dim(), "pyllm: mask of shape ", mask->sizes(),
+                " is not broadcastable to input of shape ", input.sizes());
+    mfull = mask->expand(input.sizes());
+    mi = make_row_indexer(mfull);
+  }
+  const float s = (float)scale;
+  PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_masked_softmax_cuda", [&] {
+    if (!has_mask) {
+      launch_fwd<scalar_t, NoMask>(input, nullptr, mi, out, s, causal);
+    } else {
+      switch (mfull.scalar_type()) {
+        case at::kBool: launch_fwd<scalar_t, bool>(input, mfull.data_ptr<bool>(), mi, out, s, causal); break;
+        case at::kFloat: launch_fwd<scalar_t, float>(input, mfull.data_ptr<float>(), mi, out, s, causal); break;
+        case at::kHalf: launch_fwd<scalar_t, __half>(input, cuda_ptr<at::Half>(mfull), mi, out, s, causal); break;
+        default: launch_fwd<scalar_t, __nv_bfloat16>(input, cuda_ptr<at::BFloat16>(mfull), mi, out, s, causal); break;
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor masked_softmax_backward(const at::Tensor& grad_out_, const at::Tensor& out_,
+                                   double scale) {
+  PYLLM_CHECK_FLOAT(out_, "out");
+  check_kernel_device(out_, "out");
+  TORCH_CHECK(grad_out_.sizes() == out_.sizes(), "pyllm: grad_out must have shape ",
+              out_.sizes(), ", got ", grad_out_.sizes());
+  PYLLM_DEVICE_GUARD(out_);
+  const at::Tensor y = out_.contiguous(), dy = grad_out_.to(out_.scalar_type()).contiguous();
+  at::Tensor dx = at::empty_like(y);
+  if (y.numel() == 0) return dx;
+  const int64_t n = y.size(-1), rows = y.numel() / n;
+  const RowLaunch L = row_launch(rows, n);
+  PYLLM_DISPATCH_FLOATING(y.scalar_type(), "pyllm_masked_softmax_bwd_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    auto k = L.warp_per_row ? masked_softmax_bwd_kernel<T, true> : masked_softmax_bwd_kernel<T, false>;
+    PYLLM_LAUNCH(k, L.grid, L.block, 0, PYLLM_STREAM(), cuda_ptr<scalar_t>(dy), cuda_ptr<scalar_t>(y),
+                 cuda_ptr<scalar_t>(dx), rows, n, (float)scale);
+  });
+  return dx;
+}
+
+}  // namespace PYLLM_CUDA_NS
+}  // namespace pyllm

@@ -1,0 +1,3 @@
+// Stand-in for <cuda_fp16.h> in emulated (CPU) builds; see docs/EMULATION.md.
+#pragma once
+#include "emu.h"

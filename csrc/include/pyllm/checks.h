@@ -1,0 +1,39 @@
+// Argument checks shared by every op entry point (CPU, CUDA and emulated CUDA).
+// The Python layer (pyllm/functional.py) validates first and raises errors that name
+// the public argument; these checks guard direct torch.ops.pyllm.* calls.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <optional>
+
+namespace pyllm {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+#define PYLLM_CHECK_FLOAT(x, name)                                                   \
+  TORCH_CHECK(::pyllm::is_supported_float((x).scalar_type()), "pyllm: ", name,       \
+              " must be float32, float16 or bfloat16, got ", (x).scalar_type())
+
+#define PYLLM_CHECK_SAME_DEVICE(a, b, an, bn)                                        \
+  TORCH_CHECK((a).device() == (b).device(), "pyllm: ", an, " is on ", (a).device(),  \
+              " but ", bn, " is on ", (b).device())
+
+// weight/bias of a norm: 1-D, `n` elements, same device as the input.
+inline void check_norm_param(const std::optional<at::Tensor>& p, const at::Tensor& input,
+                             const char* name) {
+  if (!p.has_value() || !p->defined()) return;
+  PYLLM_CHECK_FLOAT(*p, name);
+  PYLLM_CHECK_SAME_DEVICE(*p, input, name, "input");
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == input.size(-1), "pyllm: ", name,
+              " must have shape [", input.size(-1), "] (the normalized size), got ",
+              p->sizes());
+}
+
+inline void check_norm_input(const at::Tensor& input) {
+  PYLLM_CHECK_FLOAT(input, "input");
+  TORCH_CHECK(input.dim() >= 1, "pyllm: input must have at least 1 dimension");
+}
+
+}  // namespace pyllm

@@ -1,0 +1,41 @@
+// The pybind11 module (pyllm._C or pyllm._C_emu): build information and capabilities.
+// Importing it also runs the TORCH_LIBRARY registrations linked into the same library.
+#include <torch/extension.h>
+
+#ifndef PYLLM_TORCH_VERSION
+#define PYLLM_TORCH_VERSION "unknown"
+#endif
+#ifndef PYLLM_CUDA_ARCHS
+#define PYLLM_CUDA_ARCHS ""
+#endif
+#ifndef PYLLM_KERNELS
+#define PYLLM_KERNELS ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyllm native kernels";
+#if defined(PYLLM_EMULATED)
+  m.attr("namespace") = "pyllm_emu";
+  m.attr("backend") = "cuda-emulated";
+  m.attr("with_cuda") = false;
+#else
+  m.attr("namespace") = "pyllm";
+  m.attr("backend") = "native";
+#if defined(PYLLM_WITH_CUDA)
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+#endif
+  m.attr("torch_version") = PYLLM_TORCH_VERSION;
+#if defined(PYLLM_CUDA_VERSION)
+  m.attr("cuda_version") = PYLLM_CUDA_VERSION;
+#else
+  m.attr("cuda_version") = py::none();
+#endif
+  m.attr("cuda_archs") = PYLLM_CUDA_ARCHS;
+  m.attr("kernels") = PYLLM_KERNELS;
+#if defined(__VERSION__)
+  m.attr("compiler") = __VERSION__;
+#endif
+}

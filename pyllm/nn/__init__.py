@@ -1,0 +1,7 @@
+"""Drop-in modules. Each subclasses its torch counterpart (same constructor, parameters,
+``state_dict`` keys and repr; ``isinstance(m, torch.nn.LayerNorm)`` holds) and runs
+pyllm's fused kernels in ``forward``."""
+from .norm import LayerNorm, RMSNorm
+from .softmax import FusedScaleMaskSoftmax
+
+__all__ = ["LayerNorm", "RMSNorm", "FusedScaleMaskSoftmax"]
