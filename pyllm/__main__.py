@@ -1,0 +1,58 @@
+"""Command line: ``python -m pyllm {info,demo,bench,gpu-check,train-demo}``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pyllm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="print build information and available backends")
+    d = sub.add_parser("demo", help="the main demo: a real Hugging Face model on pyllm kernels")
+    d.add_argument("--model", default=None, help="path of a local HF model (default: the bundled MiniLM)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    b = sub.add_parser("bench", help="benchmarks vs the strongest torch baselines")
+    b.add_argument("--ops", nargs="*", default=None, help="subset of benchmarks to run")
+    b.add_argument("--models", action="store_true", help="model-level benchmarks (Hugging Face)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke run)")
+    b.add_argument("--output", default="docs/benchmarks.md", help="markdown file to write ('' = none)")
+    g = sub.add_parser("gpu-check", help="on a GPU machine: tests, sanitizer, benchmarks -> one report")
+    g.add_argument("--report", default="gpu_report.md")
+    t = sub.add_parser("train-demo", help="train a tiny decoder-only LM and a classifier")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--out", default="train_demo_out")
+    args = p.parse_args(argv)
+
+    if args.cmd == "info":
+        import pyllm
+
+        info = pyllm.build_info()
+        info["backends"] = pyllm.available_backends()
+        info["current_backend"] = pyllm.current_backend()
+        print(json.dumps(info, indent=2))
+        return 0
+    if args.cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(args)
+    if args.cmd == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args)
+    if args.cmd == "gpu-check":
+        from .gpu_check import main as gpu_main
+
+        return gpu_main(args)
+    if args.cmd == "train-demo":
+        from .models.train_demo import main as train_main
+
+        return train_main(args)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
