@@ -185,6 +185,36 @@ PYLLM_MULTIVERSION void mul_weight(float* y, const float* w, float offset, int64
   if (!w) return;
   SIMD for (int64_t i = 0; i < n; ++i) y[i] = y[i] * (w[i] + offset);
 }
+PYLLM_MULTIVERSION float scale_max(const float* x, float* y, int64_t n, float s) {
+  float m = -std::numeric_limits<float>::infinity();
+  _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] * s;
+    y[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+PYLLM_MULTIVERSION float scale_keep_max(const float* x, const bool* keep, float* y, int64_t n,
+                                        float s) {
+  const uint8_t* k = reinterpret_cast<const uint8_t*>(keep);
+  float m = -std::numeric_limits<float>::infinity();
+  _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) {
+    const float v = k[i] ? x[i] * s : -std::numeric_limits<float>::infinity();
+    y[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+PYLLM_MULTIVERSION float scale_add_max(const float* x, const float* add, float* y, int64_t n,
+                                       float s) {
+  float m = -std::numeric_limits<float>::infinity();
+  _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] * s + add[i];
+    y[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
 PYLLM_MULTIVERSION float exp_sub_sum(const float* x, float* y, int64_t n, float m) {
   float acc = 0.f;
   SIMD_SUM for (int64_t i = 0; i < n; ++i) {

@@ -34,6 +34,12 @@ void scale(const float* x, float* y, int64_t n, float s);
 // y = y * (w + offset)  (w may be null: y unchanged)
 void mul_weight(float* y, const float* w, float offset, int64_t n);
 
+// Fused softmax front ends: y = x * s (+ add[i]) or -inf where keep[i] == 0;
+// return max(y). `keep` is a bool array (1 byte per element), `add` fp32.
+float scale_max(const float* x, float* y, int64_t n, float s);
+float scale_keep_max(const float* x, const bool* keep, float* y, int64_t n, float s);
+float scale_add_max(const float* x, const float* add, float* y, int64_t n, float s);
+
 // Softmax pieces. x = input*scale + mask, already in fp32 (masked entries -inf).
 // y[i] = exp(x[i] - m); returns the sum.
 float exp_sub_sum(const float* x, float* y, int64_t n, float m);

@@ -15,22 +15,28 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Fills buf[0..n) with input*scale (+ mask), -inf where masked.
+// Fills buf[0..n) with input*scale (+ mask), -inf where masked; returns the row max.
+// Contiguous bool / fp32 masks (and none) take fused vectorized paths; other mask
+// dtypes and strides take a generic gather.
 template <typename T, typename M>
-inline void masked_scores(const T* x, const M* m, int64_t mstride, int64_t n, float scale,
-                          float* buf) {
+inline float masked_scores(const T* x, const M* m, int64_t mstride, int64_t n, float scale,
+                           float* buf) {
   const float* xr = load_row(x, buf, n);
-  row::scale(xr, buf, n, scale);
-  if constexpr (std::is_same_v<M, bool>) {
-    if (mstride == 0) {
-      if (!m[0])
-        for (int64_t j = 0; j < n; ++j) buf[j] = kNegInf;
-    } else {
+  if constexpr (std::is_same_v<M, void>) {
+    return row::scale_max(xr, buf, n, scale);
+  } else {
+    if (mstride == 1) {
+      if constexpr (std::is_same_v<M, bool>) return row::scale_keep_max(xr, m, buf, n, scale);
+      if constexpr (std::is_same_v<M, float>) return row::scale_add_max(xr, m, buf, n, scale);
+    }
+    row::scale(xr, buf, n, scale);
+    if constexpr (std::is_same_v<M, bool>) {
       for (int64_t j = 0; j < n; ++j)
         if (!m[j * mstride]) buf[j] = kNegInf;
+    } else {
+      for (int64_t j = 0; j < n; ++j) buf[j] += static_cast<float>(m[j * mstride]);
     }
-  } else if constexpr (!std::is_same_v<M, void>) {
-    for (int64_t j = 0; j < n; ++j) buf[j] += static_cast<float>(m[j * mstride]);
+    return row::max(buf, n);
   }
 }
 
@@ -50,16 +56,17 @@ void softmax_rows(const at::Tensor& input, const at::Tensor& mask_full, const Ro
       const int64_t valid = causal ? std::min<int64_t>(n, r % lq + 1) : n;
       const M* mrow = nullptr;
       if constexpr (!std::is_same_v<M, void>) mrow = m + mi.offset(r);
-      masked_scores<T, M>(x + r * n, mrow, mi.col_stride, valid, scale, buf.data());
-      const float mx = row::max(buf.data(), valid);
+      const float mx = masked_scores<T, M>(x + r * n, mrow, mi.col_stride, valid, scale, buf.data());
+      // fp32 output is written in place; other dtypes go through buf.
+      float* yr = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * n) : buf.data();
       if (mx == kNegInf) {  // fully masked (or all -inf): zeros
-        std::fill(buf.begin(), buf.end(), 0.f);
+        std::fill(yr, yr + n, 0.f);
       } else {
         const float s = row::exp_sub_sum(buf.data(), buf.data(), valid, mx);
-        row::scale(buf.data(), buf.data(), valid, 1.f / s);
-        std::fill(buf.begin() + valid, buf.end(), 0.f);
+        row::scale(buf.data(), yr, valid, 1.f / s);
+        std::fill(yr + valid, yr + n, 0.f);
       }
-      store_row(buf.data(), y + r * n, n);
+      store_row(yr, y + r * n, n);
     }
   });
 }
