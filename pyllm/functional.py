@@ -299,7 +299,32 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 def _attention_kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale, causal_alignment,
                       sliding_window):
-    raise NotImplementedError("attention kernels are added by the attention work")
+    """Runs ``ns.attention`` on [B, H, L, D] views of the arguments (leading dims flattened)."""
+    lead = query.shape[:-3]
+    hq, lq, d = query.shape[-3:]
+    lk = key.shape[-2]
+    mask = attn_mask
+    if query.dim() != 4:
+        b = math.prod(lead)
+        q = query.reshape(b, hq, lq, d)
+        k = key.reshape(b, *key.shape[-3:])
+        v = value.reshape(b, *value.shape[-3:])
+        if mask is not None:
+            # Leading dims of the mask broadcast over the flattened batch: a view when they
+            # merge (the usual case), else one copy of the mask at the scores' size.
+            mask = mask.expand(*lead, hq, lq, lk).reshape(b, hq, lq, lk) if query.dim() > 4 else mask
+    else:
+        q, k, v = query, key, value
+    if mask is not None and mask.dtype == torch.float64:
+        mask = mask.float()
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    wl, wr = (-1, -1) if sliding_window is None else (int(sliding_window[0]), int(sliding_window[1]))
+    seed = 0
+    if dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+    out = ns.attention(q, k, v, mask, scale, bool(is_causal), causal_alignment == "bottom_right", wl, wr,
+                       float(dropout_p), seed)[0]
+    return out.reshape(*lead, hq, lq, value.shape[-1])
 
 
 __all__ += ["scaled_dot_product_attention"]
