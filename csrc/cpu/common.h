@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../include/pyllm/checks.h"
 #include "rowops.h"
 
 namespace pyllm::cpu {
@@ -47,6 +48,3 @@ inline void round_through(at::ScalarType t, float* x, int64_t n) {
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 }  // namespace pyllm::cpu
-
-#define PYLLM_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

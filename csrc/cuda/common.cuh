@@ -81,6 +81,3 @@ struct RowTeam {
 };
 
 }  // namespace pyllm
-
-#define PYLLM_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

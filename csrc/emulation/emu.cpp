@@ -2,6 +2,8 @@
 // See docs/EMULATION.md.
 #include "emu.h"
 
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -206,6 +208,21 @@ std::string ranges(const std::vector<unsigned>& ids) {
     i = j + 1;
   }
   return out.empty() ? "(none)" : out;
+}
+
+// "'k' (my_kernel<float>(float const*, int))": the launch expression plus, when the
+// symbol is visible to dladdr, the demangled function name.
+std::string kernel_desc(const LaunchDesc& d) {
+  std::string s = std::string("'") + d.name + "'";
+  Dl_info info;
+  if (d.kernel_addr && dladdr(d.kernel_addr, &info) && info.dli_sname && info.dli_saddr == d.kernel_addr) {
+    int st = -1;
+    char* dem = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &st);
+    const std::string full = st == 0 && dem ? dem : info.dli_sname;
+    std::free(dem);
+    if (full != d.name) s += " (" + full + ")";
+  }
+  return s;
 }
 
 std::string hex(unsigned v) {
@@ -482,9 +499,10 @@ std::string Runner::thread_desc(const std::vector<unsigned>& ids) const {
 void Runner::fail(const std::string& what) {
   const LaunchDesc& d = *desc;
   std::ostringstream os;
-  os << "pyllm_emu: kernel '" << d.name << "' launched at " << d.file << ":" << d.line << " with grid (" << d.grid.x
-     << "," << d.grid.y << "," << d.grid.z << ") block (" << d.block.x << "," << d.block.y << "," << d.block.z
-     << "): in block (" << block.bid.x << "," << block.bid.y << "," << block.bid.z << "): " << what;
+  os << "pyllm_emu: kernel " << kernel_desc(d) << " launched at " << d.file << ":" << d.line << " with grid ("
+     << d.grid.x << "," << d.grid.y << "," << d.grid.z << ") block (" << d.block.x << "," << d.block.y << ","
+     << d.block.z << "): in block (" << block.bid.x << "," << block.bid.y << "," << block.bid.z << "): " << what;
+  pyllm_emu_on_error(os.str().c_str());
   throw std::runtime_error(os.str());
 }
 
@@ -959,8 +977,8 @@ void run_grid(const LaunchDesc& d) {
   if (t_thread) throw std::runtime_error("pyllm_emu: kernel launch from device code is not supported");
   auto cfg_error = [&](const std::string& m) {
     std::ostringstream os;
-    os << "pyllm_emu: kernel '" << d.name << "' launched at " << d.file << ":" << d.line << " with grid (" << d.grid.x
-       << "," << d.grid.y << "," << d.grid.z << ") block (" << d.block.x << "," << d.block.y << "," << d.block.z
+    os << "pyllm_emu: kernel " << kernel_desc(d) << " launched at " << d.file << ":" << d.line << " with grid ("
+       << d.grid.x << "," << d.grid.y << "," << d.grid.z << ") block (" << d.block.x << "," << d.block.y << "," << d.block.z
        << "): invalid configuration: " << m;
     pyllm_emu_on_error(os.str().c_str());
     throw std::runtime_error(os.str());
@@ -1003,7 +1021,7 @@ void run_grid(const LaunchDesc& d) {
 }  // namespace detail
 
 void* dynamic_smem() {
-  const BlockState* b = detail::t_block;
+  const detail::BlockState* b = detail::t_block;
   if (!b || !detail::t_thread) detail::not_in_kernel("dynamic_smem()");
   return b->smem;
 }

@@ -42,6 +42,13 @@
 #include <vector>
 #include <math.h>
 
+// Kernels use `#pragma unroll`, which g++ does not know.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#elif defined(__clang__)
+#pragma clang diagnostic ignored "-Wunknown-pragmas"
+#endif
+
 // ---------------------------------------------------------------------------
 // CUDA keywords
 // ---------------------------------------------------------------------------
@@ -255,6 +262,7 @@ struct LaunchDesc {
   size_t smem_bytes;
   void (*invoke)(const void* payload);
   const void* payload;
+  const void* kernel_addr;  // to name the kernel in messages (dladdr)
 };
 void run_grid(const LaunchDesc& d);
 
@@ -301,6 +309,7 @@ void launch(const char* file, int line, const char* name, void (*kernel)(KArgs..
     std::apply(q->k, q->args);  // each CUDA thread gets its own copies of the parameters
   };
   d.payload = &p;
+  d.kernel_addr = reinterpret_cast<const void*>(kernel);
   detail::run_grid(d);
 }
 
@@ -318,8 +327,22 @@ void launch(const char* file, int line, const char* name, void (*kernel)(KArgs..
 // Barriers and warp intrinsics. The trailing defaulted arguments record the call
 // site; never pass them explicitly.
 // ---------------------------------------------------------------------------
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_COLUMN)
+#define PYLLM_EMU_COLUMN() __builtin_COLUMN()
+#endif
+#endif
+#if !defined(PYLLM_EMU_COLUMN) && __cplusplus >= 202002L && defined(__has_include)
+#if __has_include(<source_location>)
+#include <source_location>
+#define PYLLM_EMU_COLUMN() ((int)std::source_location::current().column())
+#endif
+#endif
+#ifndef PYLLM_EMU_COLUMN
+#define PYLLM_EMU_COLUMN() 0
+#endif
 #define PYLLM_EMU_SITE_PARAMS \
-  const char *pyllm_file_ = __builtin_FILE(), int pyllm_line_ = __builtin_LINE(), int pyllm_col_ = __builtin_COLUMN()
+  const char *pyllm_file_ = __builtin_FILE(), int pyllm_line_ = __builtin_LINE(), int pyllm_col_ = PYLLM_EMU_COLUMN()
 #define PYLLM_EMU_SITE pyllm_file_, pyllm_line_, pyllm_col_
 
 inline void __syncthreads(PYLLM_EMU_SITE_PARAMS) {

@@ -2,9 +2,16 @@
 // The Python layer (pyllm/functional.py) validates first and raises errors that name
 // the public argument; these checks guard direct torch.ops.pyllm.* calls.
 #pragma once
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <optional>
+
+// Dispatch over the kernel dtypes (fp32, fp16, bf16) only; `scalar_t` is the at:: type.
+#define PYLLM_DISPATCH_FLOATING(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)          \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace pyllm {
 
