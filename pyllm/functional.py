@@ -14,7 +14,10 @@ import torch
 
 from . import _ext, _ops  # noqa: F401  (registers fakes and autograd)
 from . import reference as ref
-from .backends import select
+from . import backends as _backends
+from .backends import current_backend, select
+
+_GPU_MAX_HEAD_DIM = 256
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -290,6 +293,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                           causal_alignment, sliding_window)
     ns = select("scaled_dot_product_attention", query, key, value, attn_mask)
     kernel = getattr(ns, "attention", None) if ns is not None else None
+    dmax = max(query.shape[-1], value.shape[-1])
+    if kernel is not None and dmax > _GPU_MAX_HEAD_DIM and query.device.type != "cpu" and current_backend() == "auto":
+        # The CUDA kernel keeps a row of the output in registers (head dims <= 256).
+        _backends._LAST["scaled_dot_product_attention"] = (
+            f"scaled_dot_product_attention: backend 'auto' -> reference (PyTorch) because head dim {dmax} > "
+            f"{_GPU_MAX_HEAD_DIM} (CUDA kernel limit)")
+        kernel = None
     if kernel is not None and _use_kernel(ns, query, key, value):
         return _attention_kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale,
                                  causal_alignment, sliding_window)
