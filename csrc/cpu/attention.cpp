@@ -86,7 +86,9 @@ enum class MaskKind { kNone, kBool, kFloat };
 
 // Everything a block needs, with q/k/v as fp32 and last dim contiguous.
 struct Args {
-  const float *q, *k, *v;
+  const float* q;            // fp32 (converted once: O(Lq * D))
+  const void *k, *v;         // storage dtype, converted per block
+  int kv_type = 0;           // 0 fp32, 1 fp16, 2 bf16
   int64_t qs[3], ks[3], vs[3];  // strides of dims B, H, L
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv, group;
   float scale;
@@ -101,10 +103,33 @@ struct Args {
   int64_t bq = kBlockQ, bk = kBlockK;
 
   const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + b * qs[0] + h * qs[1] + i * qs[2]; }
-  const float* kptr(int64_t b, int64_t h, int64_t j) const { return k + b * ks[0] + h * ks[1] + j * ks[2]; }
-  const float* vptr(int64_t b, int64_t h, int64_t j) const { return v + b * vs[0] + h * vs[1] + j * vs[2]; }
+  int64_t koff(int64_t b, int64_t h, int64_t j) const { return b * ks[0] + h * ks[1] + j * ks[2]; }
+  int64_t voff(int64_t b, int64_t h, int64_t j) const { return b * vs[0] + h * vs[1] + j * vs[2]; }
   int64_t row_id(int64_t b, int64_t h, int64_t i) const { return (b * Hq + h) * Lq + i; }
 };
+
+// A block of K or V rows as fp32: the tensor itself (fp32) or a converted copy in `buf`.
+struct Blk {
+  const float* p;
+  int64_t ld;
+};
+Blk rows_f32(const void* base, int type, int64_t off, int64_t ld, int64_t n, int64_t dim,
+             std::vector<float>& buf) {
+  if (type == 0) return {static_cast<const float*>(base) + off, ld};
+  if ((int64_t)buf.size() < n * dim) buf.resize(n * dim);
+  const uint16_t* src = static_cast<const uint16_t*>(base) + off;
+  for (int64_t r = 0; r < n; ++r) {
+    if (type == 1) row::half_to_float(src + r * ld, buf.data() + r * dim, dim);
+    else row::bf16_to_float(src + r * ld, buf.data() + r * dim, dim);
+  }
+  return {buf.data(), dim};
+}
+Blk k_block(const Args& a, int64_t b, int64_t h, int64_t k0, int64_t n, std::vector<float>& buf) {
+  return rows_f32(a.k, a.kv_type, a.koff(b, h, k0), a.ks[2], n, a.D, buf);
+}
+Blk v_block(const Args& a, int64_t b, int64_t h, int64_t k0, int64_t n, std::vector<float>& buf) {
+  return rows_f32(a.v, a.kv_type, a.voff(b, h, k0), a.vs[2], n, a.Dv, buf);
+}
 
 // Hides the keys [k0, k0+n) of score row `s` (query i of row `rid`) that the geometry or
 // the mask hide (-inf) and adds an additive mask. Returns false if every key is hidden.
@@ -150,7 +175,7 @@ void dropout_row(const Args& a, float* p, int64_t rid, int64_t k0, int64_t n) {
 }
 
 struct Work {
-  std::vector<float> qs, s, s2, o, m, l, dq, dk, dv, dout, lse, dd;
+  std::vector<float> qs, s, s2, o, m, l, dq, dk, dv, dout, lse, dd, kb, vb;
   void need(std::vector<float>& v, int64_t n) {
     if ((int64_t)v.size() < n) v.resize(n);
   }
@@ -211,7 +236,8 @@ void forward_block(const Args& a, const RowBlock& rb, int64_t kbeg, int64_t kend
   const auto [klo, khi] = key_range(a, rb, kbeg, kend);
   for (int64_t k0 = klo; k0 < khi; k0 += a.bk) {
     const int64_t n = std::min(a.bk, khi - k0);
-    gemm(false, true, R, n, D, 1.f, w.qs.data(), D, a.kptr(rb.b, rb.kvh, k0), a.ks[2], 0.f, s, n);
+    const Blk kb = k_block(a, rb.b, rb.kvh, k0, n, w.kb);
+    gemm(false, true, R, n, D, 1.f, w.qs.data(), D, kb.p, kb.ld, 0.f, s, n);
     bool any = false;
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * n;
@@ -233,7 +259,10 @@ void forward_block(const Args& a, const RowBlock& rb, int64_t kbeg, int64_t kend
       m[r] = mnew;
       if (a.dropout_p > 0.f) dropout_row(a, sr, rid, k0, n);
     }
-    if (any) gemm(false, false, R, Dv, n, 1.f, s, n, a.vptr(rb.b, rb.kvh, k0), a.vs[2], 1.f, o, Dv);
+    if (any) {
+      const Blk vb = v_block(a, rb.b, rb.kvh, k0, n, w.vb);
+      gemm(false, false, R, Dv, n, 1.f, s, n, vb.p, vb.ld, 1.f, o, Dv);
+    }
   }
 }
 
@@ -348,12 +377,12 @@ struct BwdArgs {
 // For rows of `rb` and keys [k0, k0+n): P = exp(S - lse) into w.s, dS into w.s2.
 // Returns false when every row is fully hidden in this key block.
 bool recompute_block(const Args& a, const BwdArgs& g, const RowBlock& rb, int64_t k0, int64_t n,
-                     const float* dout_rows, const float* lse_rows, const float* delta_rows, Work& w,
+                     const Blk& kb, const Blk& vb, const float* dout_rows, const float* lse_rows, const float* delta_rows, Work& w,
                      float* pdrop) {
   const int64_t R = rb.rows();
   float *s = w.s.data(), *dp = w.s2.data();
-  gemm(false, true, R, n, a.D, 1.f, w.qs.data(), a.D, a.kptr(rb.b, rb.kvh, k0), a.ks[2], 0.f, s, n);
-  gemm(false, true, R, n, a.Dv, 1.f, dout_rows, a.Dv, a.vptr(rb.b, rb.kvh, k0), a.vs[2], 0.f, dp, n);
+  gemm(false, true, R, n, a.D, 1.f, w.qs.data(), a.D, kb.p, kb.ld, 0.f, s, n);
+  gemm(false, true, R, n, a.Dv, 1.f, dout_rows, a.Dv, vb.p, vb.ld, 0.f, dp, n);
   bool any = false;
   for (int64_t r = 0; r < R; ++r) {
     float *sr = s + r * n, *dpr = dp + r * n;
@@ -396,9 +425,10 @@ void attention_backward_impl(const Args& a, const BwdArgs& g) {
     const auto [klo, khi] = key_range(a, rb, 0, a.Lk);
     for (int64_t k0 = klo; k0 < khi; k0 += a.bk) {
       const int64_t n = std::min(a.bk, khi - k0);
-      if (!recompute_block(a, g, rb, k0, n, g.dout + rid0 * Dv, g.lse + rid0, g.delta + rid0, w, nullptr))
+      const Blk kb = k_block(a, b, rb.kvh, k0, n, w.kb), vb = v_block(a, b, rb.kvh, k0, n, w.vb);
+      if (!recompute_block(a, g, rb, k0, n, kb, vb, g.dout + rid0 * Dv, g.lse + rid0, g.delta + rid0, w, nullptr))
         continue;
-      gemm(false, false, R, D, n, a.scale, w.s2.data(), n, a.kptr(b, rb.kvh, k0), a.ks[2], 1.f, w.dq.data(), D);
+      gemm(false, false, R, D, n, a.scale, w.s2.data(), n, kb.p, kb.ld, 1.f, w.dq.data(), D);
       if (g.dmask)
         for (int64_t r = 0; r < R; ++r)
           std::copy(w.s2.data() + r * n, w.s2.data() + (r + 1) * n, g.dmask + (rid0 + r) * a.Lk + k0);
@@ -408,8 +438,8 @@ void attention_backward_impl(const Args& a, const BwdArgs& g) {
   // Pass 2: dK, dV per key block, summed over the group's query heads and query blocks.
   dynamic_for(a.B * a.Hkv * nkb, [&](int64_t t) {
     thread_local Work w;
-    const int64_t bkv = t / nkb, kb = t % nkb, b = bkv / a.Hkv, kvh = bkv % a.Hkv;
-    const int64_t k0 = kb * a.bk, n = std::min(a.bk, a.Lk - k0);
+    const int64_t bkv = t / nkb, kbi = t % nkb, b = bkv / a.Hkv, kvh = bkv % a.Hkv;
+    const int64_t k0 = kbi * a.bk, n = std::min(a.bk, a.Lk - k0);
     w.need(w.dk, n * D);
     w.need(w.dv, n * Dv);
     w.need(w.s, a.bq * a.bk);
@@ -417,6 +447,7 @@ void attention_backward_impl(const Args& a, const BwdArgs& g) {
     if (a.dropout_p > 0.f) w.need(w.dd, a.bq * a.bk);
     std::fill(w.dk.begin(), w.dk.begin() + n * D, 0.f);
     std::fill(w.dv.begin(), w.dv.begin() + n * Dv, 0.f);
+    const Blk kb = k_block(a, b, kvh, k0, n, w.kb), vb = v_block(a, b, kvh, k0, n, w.vb);
     for (int64_t h = kvh * a.group; h < (kvh + 1) * a.group; ++h) {
       for (int64_t i0 = 0; i0 < a.Lq; i0 += a.bq) {
         const RowBlock rb{b, kvh, h, 1, i0, std::min(a.bq, a.Lq - i0)};
@@ -425,7 +456,7 @@ void attention_backward_impl(const Args& a, const BwdArgs& g) {
         const int64_t R = rb.nq, rid0 = a.row_id(b, h, i0);
         load_q(a, rb, w);
         float* pd = a.dropout_p > 0.f ? w.dd.data() : nullptr;
-        if (!recompute_block(a, g, rb, k0, n, g.dout + rid0 * Dv, g.lse + rid0, g.delta + rid0, w, pd))
+        if (!recompute_block(a, g, rb, k0, n, kb, vb, g.dout + rid0 * Dv, g.lse + rid0, g.delta + rid0, w, pd))
           continue;
         gemm(true, false, n, Dv, R, 1.f, pd ? pd : w.s.data(), n, g.dout + rid0 * Dv, Dv, 1.f, w.dv.data(), Dv);
         // dK = scale * dS^T Q = dS^T (scale * Q)
@@ -438,9 +469,9 @@ void attention_backward_impl(const Args& a, const BwdArgs& g) {
 }
 
 // ----------------------------------------------------------------------------- setup
-// fp32 with the last dim contiguous (a view when it already is).
-at::Tensor as_f32(const at::Tensor& t) {
-  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+// Last dim contiguous (a view when it already is), optionally converted to fp32.
+at::Tensor prep(const at::Tensor& t, bool to_f32) {
+  at::Tensor f = (to_f32 && t.scalar_type() != at::kFloat) ? t.to(at::kFloat) : t;
   if (f.size(-1) > 1 && f.stride(-1) != 1) f = f.contiguous();
   // BLAS needs a row stride covering the row (true for any non-overlapping layout).
   if (f.size(-2) > 1 && f.stride(-2) < f.size(-1)) f = f.contiguous();
@@ -473,8 +504,9 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, do
                bool causal, bool bottom_right, int64_t wl, int64_t wr, double dropout_p, int64_t seed) {
   Args a;
   a.q = q.data_ptr<float>();
-  a.k = k.data_ptr<float>();
-  a.v = v.data_ptr<float>();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.kv_type = k.scalar_type() == at::kFloat ? 0 : (k.scalar_type() == at::kHalf ? 1 : 2);
   for (int d = 0; d < 3; ++d) {
     a.qs[d] = q.stride(d);
     a.ks[d] = k.stride(d);
@@ -526,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::
                                              double scale, bool causal, bool bottom_right, int64_t window_left,
                                              int64_t window_right, double dropout_p, int64_t seed) {
   check_qkv(query, key, value);
-  const at::Tensor q = as_f32(query), k = as_f32(key), v = as_f32(value);
+  const at::Tensor q = prep(query, true), k = prep(key, false), v = prep(value, false);
   Args a = make_args(q, k, v, scale, causal, bottom_right, window_left, window_right, dropout_p, seed);
   const at::Tensor mholder = setup_mask(a, mask, query);
   const auto fopt = query.options().dtype(at::kFloat);
@@ -548,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     bool causal, bool bottom_right, int64_t window_left, int64_t window_right, double dropout_p,
     int64_t seed, bool mask_grad) {
   check_qkv(query, key, value);
-  const at::Tensor q = as_f32(query), k = as_f32(key), v = as_f32(value);
+  const at::Tensor q = prep(query, true), k = prep(key, false), v = prep(value, false);
   Args a = make_args(q, k, v, scale, causal, bottom_right, window_left, window_right, dropout_p, seed);
   const at::Tensor mholder = setup_mask(a, mask, query);
   const std::vector<int64_t> oshape{a.B, a.Hq, a.Lq, a.Dv};
