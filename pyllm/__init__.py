@@ -9,6 +9,12 @@ from .backends import available_backends, current_backend, explain, use_backend
 from . import functional, reference  # noqa: E402
 from . import nn  # noqa: E402
 
+# With transformers installed, importing pyllm registers attn_implementation="pyllm".
+import importlib.util as _ilu  # noqa: E402
+
+if _ilu.find_spec("transformers") is not None:
+    from . import hf  # noqa: F401,E402
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -24,6 +24,8 @@ def _load(modname: str, required_env: str | None):
     if _truthy("PYLLM_DISABLE_EXT"):
         return None, "disabled by PYLLM_DISABLE_EXT=1"
     try:
+        import torch  # noqa: F401  (loads libc10/libtorch that the extension links against)
+
         return importlib.import_module(modname), None
     except Exception as e:  # ImportError, undefined symbol (ABI mismatch), ...
         reason = f"{type(e).__name__}: {e}"

@@ -8,6 +8,7 @@ PyTorch reference (:mod:`pyllm.reference`).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -45,6 +46,9 @@ def _check_same_device(t, name: str, ref_t, ref_name: str = "input") -> None:
 
 
 def _normalized(input, normalized_shape) -> tuple:
+    if isinstance(normalized_shape, (str, bytes)):
+        raise TypeError(f"pyllm: normalized_shape must be an int or a sequence of ints, "
+                        f"got {normalized_shape!r}")
     if isinstance(normalized_shape, int):
         shape = (normalized_shape,)
     else:
@@ -57,6 +61,14 @@ def _normalized(input, normalized_shape) -> tuple:
         raise ValueError(f"pyllm: normalized_shape {list(shape)} must match the last dims of input "
                          f"of shape {list(input.shape)}")
     return shape
+
+
+def _check_eps(eps, allow_none: bool = False) -> None:
+    if eps is None and allow_none:
+        return
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+        raise TypeError(f"pyllm: eps must be a Python number{' or None' if allow_none else ''}, "
+                        f"got {type(eps).__name__}")
 
 
 def _check_param(p, name: str, input, shape: tuple) -> None:
@@ -96,6 +108,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     shape = _normalized(input, normalized_shape)
     _check_param(weight, "weight", input, shape)
     _check_param(bias, "bias", input, shape)
+    _check_eps(eps)
     x = _flat(input, shape)
     w = weight if len(shape) == 1 else _flat_param(weight, shape)
     b = bias if len(shape) == 1 else _flat_param(bias, shape)
@@ -127,6 +140,7 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor,
     shape = _normalized(input, normalized_shape)
     _check_param(weight, "weight", input, shape)
     _check_param(bias, "bias", input, shape)
+    _check_eps(eps)
     x, r = _flat(input, shape), _flat(residual, shape)
     w = weight if len(shape) == 1 else _flat_param(weight, shape)
     b = bias if len(shape) == 1 else _flat_param(bias, shape)
@@ -174,6 +188,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     _check_float(input, "input")
     shape = _normalized(input, normalized_shape)
     _check_param(weight, "weight", input, shape)
+    _check_eps(eps, allow_none=True)
     if eps is None:
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     round_dtype, offset, out_dtype = _rms_style(style, input.dtype, None if weight is None else weight.dtype)

@@ -17,7 +17,10 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dim. Returns (out, mean, rstd); stats are fp32 [*lead]."""
     xf = _acc(x)
-    mean = xf.mean(-1, keepdim=True)
+    # Shifted mean (pivot = each row's first value): exact enough that x - mean keeps its
+    # low bits when |mean| >> std; a plain fp32 mean was 2.5x less accurate than torch's.
+    pivot = xf[..., :1].detach()
+    mean = pivot + (xf - pivot).mean(-1, keepdim=True)
     var = (xf - mean).square().mean(-1, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     y = (xf - mean) * rstd
@@ -70,6 +73,8 @@ def masked_softmax(x, mask=None, scale=1.0, causal=False):
     mask: bool (True = keep) or additive float, broadcastable to x. causal=True hides
     keys after the query (top-left). Rows with no visible key give zeros, not NaN.
     """
+    if x.shape[-1] == 0:  # no keys: nothing to normalize (amax over an empty dim fails)
+        return torch.empty_like(x)
     s = _acc(x) * scale
     keep = None
     if mask is not None:

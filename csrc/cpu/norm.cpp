@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& inpu
       std::vector<float> xb(n), yb(n);
       for (int64_t r = begin; r < end; ++r) {
         const float* xr = load_row(x + r * n, xb.data(), n);
-        const float mu = row::sum(xr, n) / (float)n;
+        const float mu = row::mean(xr, n);
         const float var = row::sq_dev_sum(xr, n, mu) / (float)n;
         const float rs = 1.f / std::sqrt(var + (float)eps);
         float* yr = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(y + r * n) : yb.data();
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
         store_row(sr, s + r * n, n);
         // Normalize the sum as stored (rounded to the input dtype), as add + layer_norm does.
         round_through(input.scalar_type(), sr, n);
-        const float mu = row::sum(sr, n) / (float)n;
+        const float mu = row::mean(sr, n);
         const float var = row::sq_dev_sum(sr, n, mu) / (float)n;
         const float rs = 1.f / std::sqrt(var + (float)eps);
         float* yr = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(y + r * n) : yb.data();
@@ -170,8 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
   if (has_w) {
     if (rows > 0) {
       at::Tensor s = partial.sum(0);
-      dw = s[0].to(weight->scalar_type());
-      db = s[1].to(weight->scalar_type());
+      // copy=true: s[0] and s[1] are views of one buffer; outputs must not alias (schema).
+      dw = s[0].to(weight->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+      db = s[1].to(weight->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
     } else {
       dw = at::zeros({n}, weight->options());
       db = at::zeros({n}, weight->options());

@@ -104,28 +104,59 @@ PYLLM_MULTIVERSION void round_through_bf16(float* x, int64_t n) {
   SIMD for (int64_t i = 0; i < n; ++i) x[i] = bf2f(f2bf(x[i]));
 }
 
+// Reductions: fp32 SIMD partial sums over blocks of kBlock elements, blocks accumulated
+// in fp64. A plain 16-lane fp32 accumulation loses ~sqrt(n/16) ulps on long rows (at
+// n = 20000 RMSNorm was 2.5x less accurate than torch's cascade sum); blocking bounds
+// the fp32 chain to kBlock/16 adds per lane at no measurable cost.
+constexpr int64_t kBlock = 256;
+
 PYLLM_MULTIVERSION float sum(const float* x, int64_t n) {
-  float acc = 0.f;
-  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += x[i];
-  return acc;
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+    float acc = 0.f;
+    SIMD_SUM for (int64_t i = b0; i < b1; ++i) acc += x[i];
+    total += acc;
+  }
+  return (float)total;
+}
+PYLLM_MULTIVERSION float mean(const float* x, int64_t n) {
+  double acc = 0.0;
+  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += (double)x[i];
+  return (float)(acc / (double)n);
 }
 PYLLM_MULTIVERSION float sq_dev_sum(const float* x, int64_t n, float mean) {
-  float acc = 0.f;
-  SIMD_SUM for (int64_t i = 0; i < n; ++i) {
-    const float d = x[i] - mean;
-    acc += d * d;
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+    float acc = 0.f;
+    SIMD_SUM for (int64_t i = b0; i < b1; ++i) {
+      const float d = x[i] - mean;
+      acc += d * d;
+    }
+    total += acc;
   }
-  return acc;
+  return (float)total;
 }
 PYLLM_MULTIVERSION float sq_sum(const float* x, int64_t n) {
-  float acc = 0.f;
-  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += x[i] * x[i];
-  return acc;
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+    float acc = 0.f;
+    SIMD_SUM for (int64_t i = b0; i < b1; ++i) acc += x[i] * x[i];
+    total += acc;
+  }
+  return (float)total;
 }
 PYLLM_MULTIVERSION float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+    float acc = 0.f;
+    SIMD_SUM for (int64_t i = b0; i < b1; ++i) acc += a[i] * b[i];
+    total += acc;
+  }
+  return (float)total;
 }
 PYLLM_MULTIVERSION float max(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
@@ -180,24 +211,26 @@ PYLLM_MULTIVERSION void sub_mul(const float* p, const float* dp, float* ds, int6
 PYLLM_MULTIVERSION void layer_norm_backward(const float* dy, const float* x, const float* w,
                                             float mean, float rstd, float* dx, float* dw,
                                             float* db, int64_t n) {
+  // g = dy * w is rounded once and stored in dx, and both passes read that value: if
+  // the product were recomputed, FMA contraction could fuse it into the sum in one pass
+  // but not the other, so g - mean(g) would not cancel (n = 1 gave dx = 1e-5, not 0).
   float sg = 0.f, sgx = 0.f;
   {
     float acc = 0.f, acc2 = 0.f;
     _Pragma("omp simd reduction(+ : acc, acc2)") for (int64_t i = 0; i < n; ++i) {
       const float g = w ? dy[i] * w[i] : dy[i];
+      dx[i] = g;
       const float xh = (x[i] - mean) * rstd;
-      acc += g;
-      acc2 += g * xh;
+      acc += dx[i];
+      acc2 += dx[i] * xh;
     }
     sg = acc;
     sgx = acc2;
   }
-  const float inv_n = 1.f / (float)n;
-  const float mg = sg * inv_n, mgx = sgx * inv_n;
+  const float mg = (float)((double)sg / (double)n), mgx = (float)((double)sgx / (double)n);
   SIMD for (int64_t i = 0; i < n; ++i) {
-    const float g = w ? dy[i] * w[i] : dy[i];
     const float xh = (x[i] - mean) * rstd;
-    dx[i] = rstd * (g - mg - xh * mgx);
+    dx[i] = rstd * ((dx[i] - mg) - xh * mgx);
   }
   if (dw) {
     SIMD for (int64_t i = 0; i < n; ++i) dw[i] += dy[i] * (x[i] - mean) * rstd;

@@ -16,6 +16,9 @@ void round_through_half(float* x, int64_t n);
 void round_through_bf16(float* x, int64_t n);
 
 float sum(const float* x, int64_t n);
+// sum(x) / n accumulated in fp64 and rounded once: LayerNorm's (x - mean) cancels
+// catastrophically when |mean| >> std, so the mean must be correctly rounded.
+float mean(const float* x, int64_t n);
 // sum((x - mean)^2)
 float sq_dev_sum(const float* x, int64_t n, float mean);
 float sq_sum(const float* x, int64_t n);

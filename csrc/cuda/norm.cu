@@ -34,6 +34,14 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
   RowTeam<kWarp> team(scratch);
   const bool active = team.row < rows;  // no early return: block mode has barriers
   const int64_t base = active ? team.row * n : 0;
+  // Shifted sum: accumulate v - pivot (pivot = the row's first value, as normalized) so
+  // the mean stays accurate when |mean| >> std (plain fp32 sums lose the low bits that
+  // x - mean keeps, and LayerNorm divides that error by std).
+  float pivot = 0.f;
+  if (active && n > 0) {
+    pivot = load_float(x[base]);
+    if (kResidual) pivot = load_float(store_float<T>(pivot + load_float(res[base])));
+  }
   float acc = 0.f;
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
@@ -43,10 +51,10 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
         summed[base + j] = s;
         v = load_float(s);  // normalize the sum as stored
       }
-      acc += v;
+      acc += v - pivot;
     }
   }
-  const float mean = team.sum(acc) / (float)n;
+  const float mean = pivot + team.sum(acc) / (float)n;
   const T* src = kResidual ? summed : x;
   acc = 0.f;
   if (active) {
@@ -84,7 +92,9 @@ __global__ void layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __re
   float sg = 0.f, sgx = 0.f;
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
-      const float g = load_float(dy[base + j]) * (w ? w[j] : 1.f);
+      // __fmul_rn: g is rounded the same way in both passes (no FMA contraction into the
+      // sum), so g - mean(g) cancels exactly when it should (n = 1 gives dx = 0).
+      const float g = __fmul_rn(load_float(dy[base + j]), w ? w[j] : 1.f);
       sg += g;
       sgx += g * (load_float(x[base + j]) - mu) * rs;
     }
@@ -93,9 +103,9 @@ __global__ void layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __re
   const float mgx = team.sum(sgx) / (float)n;
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
-      const float g = load_float(dy[base + j]) * (w ? w[j] : 1.f);
+      const float g = __fmul_rn(load_float(dy[base + j]), w ? w[j] : 1.f);
       const float xh = (load_float(x[base + j]) - mu) * rs;
-      float v = rs * (g - mg - xh * mgx);
+      float v = rs * ((g - mg) - xh * mgx);
       if (extra) v += load_float(extra[base + j]);
       dx[base + j] = store_float<T>(v);
     }

@@ -1,0 +1,171 @@
+"""``optimize(model)`` / ``revert(model)``: switch a built transformers model to pyllm and back."""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from . import norms as _norms
+from .attention import NAME
+
+_STATE = "_pyllm_hf_state"
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize` changed, and what it left alone (and why)."""
+
+    attention: list = field(default_factory=list)           # model classes now on pyllm attention
+    attention_skipped: dict = field(default_factory=dict)   # model class -> reason
+    norms: Counter = field(default_factory=Counter)         # "Original -> pyllm.nn.X(style)" -> count
+    skipped: Counter = field(default_factory=Counter)       # "ClassName: reason" -> count
+
+    @property
+    def complete(self) -> bool:
+        """True when every attention and normalization module found runs on pyllm."""
+        return not self.attention_skipped and not self.skipped
+
+    def __str__(self) -> str:
+        lines = [f"pyllm.hf.optimize: attention -> pyllm in {', '.join(self.attention) or 'no model'}"]
+        for k, v in self.attention_skipped.items():
+            lines.append(f"  attention NOT switched in {k}: {v}")
+        for k, v in sorted(self.norms.items()):
+            lines.append(f"  {v} x {k}")
+        for k, v in sorted(self.skipped.items()):
+            lines.append(f"  left unchanged: {v} x {k}")
+        return "\n".join(lines)
+
+
+def _configs(model):
+    """Every config reachable from the model's PreTrainedModels and their sub-configs."""
+    from transformers import PreTrainedModel
+
+    seen, out = set(), []
+    stack = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while stack:
+        cfg = stack.pop()
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        out.append(cfg)
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            stack.append(getattr(cfg, key, None))
+    return out
+
+
+def is_optimized(model: torch.nn.Module) -> bool:
+    return getattr(model, _STATE, None) is not None
+
+
+def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
+             warn: bool = True) -> OptimizeReport:
+    """Run an already built transformers model on pyllm, in place.
+
+    * attention: ``model.set_attn_implementation("pyllm")`` (transformers' own switch, which also
+      updates sub-models and sub-configs); models whose attention does not go through
+      transformers' AttentionInterface are reported and left unchanged.
+    * normalization: ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` become ``pyllm.nn.LayerNorm`` /
+      ``pyllm.nn.RMSNorm`` (same object, class switched); Hugging Face RMSNorm modules that compute
+      exactly the Llama, T5 or Gemma program are replaced by ``pyllm.nn.RMSNorm(style=...)`` holding
+      the very same ``weight`` Parameter. Anything else named like a norm is reported.
+
+    Outputs match the stock model to floating-point rounding. Returns an :class:`OptimizeReport`
+    (also kept on the model); warns about anything left unchanged unless ``warn=False``.
+    :func:`revert` undoes it exactly. Calling it on an optimized model returns the first report.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"pyllm: model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    state = getattr(model, _STATE, None)
+    if state is not None:
+        return state["report"]
+    report = OptimizeReport()
+    state = {"report": report, "attn": [], "classes": [], "children": []}
+
+    if attention:
+        if not isinstance(model, PreTrainedModel):
+            report.attention_skipped[type(model).__name__] = "not a transformers PreTrainedModel"
+        else:
+            state["attn"] = [(cfg, cfg._attn_implementation_internal) for cfg in _configs(model)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # transformers' own notices; we report below
+                model.set_attn_implementation(NAME)
+            seen = set()
+            for m in model.modules():
+                if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
+                    seen.add(id(m.config))
+                    name = type(m).__name__
+                    if m.config._attn_implementation == NAME:
+                        report.attention.append(name)
+                    else:
+                        report.attention_skipped[name] = (
+                            f"its attention does not use transformers' AttentionInterface "
+                            f"(still {m.config._attn_implementation!r})")
+
+    if norms:
+        memo = {}
+        for parent in list(model.modules()):
+            for cname, child in list(parent.named_children()):
+                if id(child) in memo:  # a module shared by several parents
+                    rep = memo[id(child)]
+                    if rep is not None:
+                        setattr(parent, cname, rep)
+                        state["children"].append((parent, cname, child, rep))
+                    continue
+                p = _norms.plan(child)
+                memo[id(child)] = None
+                if p is None:
+                    continue
+                kind = p[0]
+                if kind == "class":
+                    _, cls, extra = p
+                    state["classes"].append((child, type(child), tuple(extra)))
+                    report.norms[f"torch.nn.{type(child).__name__} -> pyllm.nn.{cls.__name__}"] += 1
+                    child.__class__ = cls
+                    for k, v in extra.items():
+                        setattr(child, k, v)
+                elif kind == "replace":
+                    rep = p[1]
+                    memo[id(child)] = rep
+                    setattr(parent, cname, rep)
+                    state["children"].append((parent, cname, child, rep))
+                    report.norms[f"{type(child).__name__} -> pyllm.nn.RMSNorm(style={rep.style!r})"] += 1
+                else:
+                    report.skipped[f"{type(child).__name__}: {p[1]}"] += 1
+    object.__setattr__(model, _STATE, state)
+    if warn and not report.complete:
+        warnings.warn(f"pyllm.hf.optimize left parts of {type(model).__name__} on stock PyTorch "
+                      f"(results stay exact, only not accelerated):\n{report}", stacklevel=2)
+    return report
+
+
+def revert(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`optimize` exactly: attention implementations of every config and the original
+    module objects and classes (sharing the current Parameters). Returns the model."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("pyllm: revert(model) needs a model switched by pyllm.hf.optimize(model)")
+    for parent, cname, original, rep in reversed(state["children"]):
+        if rep.weight is not original.weight:  # parameters replaced meanwhile (e.g. load with assign=True)
+            original.weight = rep.weight
+        original.train(rep.training)
+        setattr(parent, cname, original)
+    for module, cls, extra in reversed(state["classes"]):
+        module.__class__ = cls
+        for k in extra:
+            module.__dict__.pop(k, None)
+    if state["attn"]:
+        first = state["attn"][0][1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model.set_attn_implementation(first)
+            except Exception:  # noqa: BLE001  (restored exactly just below anyway)
+                pass
+        for cfg, impl in state["attn"]:
+            cfg._attn_implementation_internal = impl
+    object.__delattr__(model, _STATE)
+    return model

@@ -1,0 +1,709 @@
+"""pyllm's norm and softmax ops against the fp64 reference, judged like FlashAttention's suite.
+
+Every check compares the op's error vs an fp64 reference (pyllm.reference on fp64 copies of
+the inputs) with plain PyTorch's error in the same dtype (F.layer_norm, x + r then
+F.layer_norm, F.rms_norm, the eager masked softmax chain): at most 2x for outputs, 3x for
+gradients, with a floor of about an ulp (see tests/helpers.py).
+
+The suite runs whatever backend the session selects (`auto`: native kernels when built;
+the Makefile also runs it with PYLLM_BACKEND=torch and PYLLM_DISABLE_EXT=1). Cases marked
+`emulated` rerun the same checks with small shapes under `pyllm.use_backend("cuda-emulated")`
+(the CUDA kernel sources on the CPU emulation of CUDA).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as tF
+
+import pyllm
+from pyllm import _ext
+from pyllm import functional as P
+from pyllm import reference as R
+
+pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
+
+from helpers import assert_close_to_ref, grads_of, make_input, maybe_backend, to64
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FP32_EPS = torch.finfo(torch.float32).eps
+EMU = "cuda-emulated"
+
+# (width, leading shape): keep the biggest cases few.
+WIDTHS = [(1, (3, 5)), (7, (3, 5)), (97, (3, 5)), (1023, (2, 3)), (4097, (3,)), (20000, (2,))]
+EMU_WIDTHS = [(1, (2, 3)), (7, (2, 3)), (97, (2, 2)), (1030, (3,)), (2100, (2,))]
+
+
+def cases(default, emulated, ids=None):
+    """Parameters (backend, *case): the session backend for `default`, plus the same checks
+    under the cuda-emulated backend (marked `emulated`) for the small `emulated` list."""
+    out = [pytest.param(None, *c, id=f"{c[0]}" if ids is None else ids(c)) for c in default]
+    out += [pytest.param(EMU, *c, marks=pytest.mark.emulated, id=f"emu-{c[0] if ids is None else ids(c)}")
+            for c in emulated]
+    return out
+
+
+def dtype_id(dt):
+    return str(dt).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- baselines
+def sm_baseline(x, mask, scale, causal):
+    """Plain PyTorch's eager masked softmax in x's dtype (NaN on fully-masked rows)."""
+    s = x * scale
+    keep = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = mask
+        else:
+            s = s + mask.to(x.dtype)  # in x's dtype, like the rest of the baseline
+    if causal:
+        c = R.causal_keep(x.shape[-2], x.shape[-1], x.device)
+        keep = c if keep is None else keep & c
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return s.softmax(-1)
+
+
+def sm_ref64(x, mask, scale, causal):
+    m = None if mask is None else (mask if mask.dtype == torch.bool else mask.detach().double())
+    return R.masked_softmax(x.detach().double(), m, scale, causal)
+
+
+# ----------------------------------------------------------------------------- path check
+def test_ops_take_the_expected_path():
+    """The session really runs what it claims: native kernels under auto+extension, the
+    reference under PYLLM_BACKEND=torch or PYLLM_DISABLE_EXT=1."""
+    P.layer_norm(torch.randn(2, 4), 4)
+    msg = pyllm.explain("layer_norm")
+    backend = pyllm.current_backend()
+    assert msg.startswith(f"layer_norm: backend {backend!r} -> ")
+    if backend in ("auto", "native") and _ext.HAS_C:
+        assert msg.endswith("native CPU kernel")
+    elif backend == "torch":
+        assert "reference (PyTorch) because backend is 'torch'" in msg
+    elif not _ext.HAS_C:
+        assert "reference (PyTorch) because native extension not loaded" in msg
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+AFFINE = [(True, True), (True, False), (False, True), (False, False)]
+
+
+@pytest.mark.parametrize("affine", AFFINE, ids=lambda a: f"w{int(a[0])}b{int(a[1])}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n,lead", cases(WIDTHS, EMU_WIDTHS))
+def test_layer_norm_forward(backend, n, lead, dtype, affine):
+    x = make_input(lead + (n,), dtype, scale=2.0, shift=0.5)
+    w = make_input((n,), dtype, shift=1.0) if affine[0] else None
+    b = make_input((n,), dtype) if affine[1] else None
+    with maybe_backend(backend):
+        out = P.layer_norm(x, (n,), w, b, eps=1e-5)
+    ref = R.layer_norm(*to64(x, w, b), eps=1e-5)[0]
+    assert_close_to_ref(out, ref, tF.layer_norm(x, (n,), w, b, eps=1e-5), name="layer_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("backend,lead,n", cases(
+    [((1,), 97), ((1, 1), 7), ((4, 6), 33), ((2, 3, 4), 65), ((2, 2, 3, 5), 130)],
+    [((1,), 97), ((2, 3), 33)], ids=lambda c: f"{'x'.join(map(str, c[0]))}x{c[1]}"))
+def test_layer_norm_layouts(backend, lead, n, layout, dtype):
+    """1-row, 3-D and 4-D inputs, transposed and sliced (non-contiguous) memory."""
+    x = make_input(lead + (n,), dtype, layout=layout, scale=3.0)
+    w, b = make_input((n,), dtype, shift=1.0), make_input((n,), dtype)
+    with maybe_backend(backend):
+        out = P.layer_norm(x, n, w, b)
+    assert out.shape == x.shape
+    assert_close_to_ref(out, R.layer_norm(*to64(x, w, b))[0], tF.layer_norm(x, (n,), w, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,shape,k", cases(
+    [((2, 3, 4, 5), 2), ((2, 3, 4, 5), 3), ((3, 7, 11), 2), ((6, 1, 9), 2)],
+    [((2, 3, 4, 5), 2)], ids=lambda c: f"{c[0]}-last{c[1]}"))
+def test_layer_norm_multi_dim_normalized_shape(backend, shape, k, dtype):
+    x = make_input(shape, dtype, layout="transposed", scale=2.0)
+    ns = shape[-k:]
+    w, b = make_input(ns, dtype, shift=1.0), make_input(ns, dtype)
+    with maybe_backend(backend):
+        out = P.layer_norm(x, ns, w, b)
+        out_nw = P.layer_norm(x, list(ns))
+    ref = tF.layer_norm(*to64(x), ns, *to64(w, b))
+    assert_close_to_ref(out, ref, tF.layer_norm(x, ns, w, b))
+    assert_close_to_ref(out_nw, tF.layer_norm(x.double(), ns), tF.layer_norm(x, ns))
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("backend,n", cases([(7,), (1023,)], [(97,)]))
+def test_layer_norm_mixed_dtype(backend, n, xdtype):
+    """Half input with fp32 weight/bias (autocast-style): output in the input's dtype."""
+    x = make_input((4, n), xdtype, scale=2.0)
+    w, b = make_input((n,), torch.float32, shift=1.0), make_input((n,), torch.float32)
+    with maybe_backend(backend):
+        out = P.layer_norm(x, n, w, b)
+        out2, summed = P.add_layer_norm(x, x.flip(0), n, w, b)
+    assert out.dtype == xdtype and out2.dtype == xdtype and summed.dtype == xdtype
+    assert_close_to_ref(out, R.layer_norm(*to64(x, w, b))[0], tF.layer_norm(x, (n,), w, b))
+    s = x + x.flip(0)
+    assert_close_to_ref(out2, R.layer_norm(*to64(s, w, b))[0], tF.layer_norm(s, (n,), w, b))
+
+
+# ----------------------------------------------------------------------------- add + LayerNorm
+@pytest.mark.parametrize("affine", [(True, True), (False, True), (False, False)],
+                         ids=lambda a: f"w{int(a[0])}b{int(a[1])}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n,lead", cases(WIDTHS, EMU_WIDTHS))
+def test_add_layer_norm_forward(backend, n, lead, dtype, affine):
+    x = make_input(lead + (n,), dtype, scale=2.0, shift=0.5)
+    r = make_input(lead + (n,), dtype, layout="sliced")
+    w = make_input((n,), dtype, shift=1.0) if affine[0] else None
+    b = make_input((n,), dtype) if affine[1] else None
+    with maybe_backend(backend):
+        out, summed = P.add_layer_norm(x, r, (n,), w, b, eps=1e-6)
+    s = x + r
+    # summed is exactly x + r in x's dtype, and the norm is of that rounded sum
+    assert summed.dtype == dtype and torch.equal(summed, s)
+    ref = R.layer_norm(*to64(s, w, b), eps=1e-6)[0]
+    assert_close_to_ref(out, ref, tF.layer_norm(s, (n,), w, b, eps=1e-6), name="add_layer_norm")
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+def test_add_layer_norm_multi_dim_and_3d(backend):
+    x = make_input((2, 3, 4, 5), torch.float32, layout="transposed")
+    r = make_input((2, 3, 4, 5), torch.float32)
+    w, b = make_input((4, 5), torch.float32, shift=1), make_input((4, 5), torch.float32)
+    with maybe_backend(backend):
+        out, summed = P.add_layer_norm(x, r, (4, 5), w, b)
+    s = x + r
+    assert torch.equal(summed, s)
+    assert_close_to_ref(out, tF.layer_norm(s.double(), (4, 5), w.double(), b.double()),
+                        tF.layer_norm(s, (4, 5), w, b))
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("has_weight", [True, False], ids=["w", "now"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n,lead", cases(WIDTHS, EMU_WIDTHS))
+def test_rms_norm_forward_torch_style(backend, n, lead, dtype, has_weight):
+    x = make_input(lead + (n,), dtype, scale=2.0, shift=0.5)
+    w = make_input((n,), dtype, shift=1.0) if has_weight else None
+    with maybe_backend(backend):
+        out = P.rms_norm(x, (n,), w)                    # eps=None: finfo(float32).eps like torch
+        out_eps = P.rms_norm(x, (n,), w, eps=1e-3)
+    assert_close_to_ref(out, R.rms_norm(*to64(x, w), eps=FP32_EPS)[0], tF.rms_norm(x, (n,), w))
+    assert_close_to_ref(out_eps, R.rms_norm(*to64(x, w), eps=1e-3)[0], tF.rms_norm(x, (n,), w, eps=1e-3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("backend,lead,n", cases(
+    [((1,), 97), ((2, 3, 4), 65), ((2, 2, 3, 5), 130)], [((2, 3), 33)],
+    ids=lambda c: f"{'x'.join(map(str, c[0]))}x{c[1]}"))
+def test_rms_norm_layouts(backend, lead, n, layout, dtype):
+    x = make_input(lead + (n,), dtype, layout=layout, scale=3.0)
+    w = make_input((n,), dtype, shift=1.0)
+    with maybe_backend(backend):
+        out = P.rms_norm(x, n, w, 1e-6)
+    assert_close_to_ref(out, R.rms_norm(*to64(x, w), eps=1e-6)[0], tF.rms_norm(x, (n,), w, 1e-6))
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rms_norm_multi_dim_and_mixed(backend, dtype):
+    x = make_input((3, 4, 6, 5), dtype, layout="transposed", scale=2.0)
+    w = make_input((6, 5), dtype, shift=1.0)
+    w32 = make_input((5,), torch.float32, shift=1.0)
+    with maybe_backend(backend):
+        out = P.rms_norm(x, (6, 5), w)
+        mixed = P.rms_norm(x, 5, w32)
+    assert_close_to_ref(out, tF.rms_norm(x.double(), (6, 5), w.double(), FP32_EPS), tF.rms_norm(x, (6, 5), w))
+    assert mixed.dtype == dtype  # torch style: output in the input's dtype, like F.rms_norm
+    assert_close_to_ref(mixed, tF.rms_norm(x.double(), (5,), w32.double(), FP32_EPS), tF.rms_norm(x, (5,), w32))
+
+
+# --- Hugging Face RMSNorm variants: "llama", "t5", "gemma" styles reproduce them.
+def _hf_module(style, n, wdtype):
+    if style == "llama":
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm as M
+    elif style == "t5":
+        from transformers.models.t5.modeling_t5 import T5LayerNorm as M
+    else:
+        from transformers.models.gemma.modeling_gemma import GemmaRMSNorm as M
+    m = M(n, eps=1e-6).to(wdtype)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(n) * 0.5 + (0.0 if style == "gemma" else 1.0))
+    return m
+
+
+def _ulp_of(t):
+    """Spacing of t's dtype at each value of t (fp64 tensor)."""
+    f = torch.finfo(t.dtype)
+    mag = t.double().abs().clamp_min(f.tiny)
+    return torch.pow(2.0, torch.floor(torch.log2(mag))) * f.eps
+
+
+HF_STYLES = ["llama", "t5", "gemma"]
+HF_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize("dtypes", HF_DTYPES, ids=lambda d: f"x{dtype_id(d[0])}-w{dtype_id(d[1])}")
+@pytest.mark.parametrize("style", HF_STYLES)
+@pytest.mark.parametrize("backend,n", cases([(7,), (1023,), (4097,)], [(97,)]))
+def test_rms_norm_reproduces_hugging_face(backend, n, style, dtypes):
+    """Same output dtype as the HF module; bit-exact on the reference path (it performs the
+    same fp32 operations in the same order as HF); native kernels sum in a different order,
+    so they are held to a few-ulp bound instead (see below)."""
+    xdtype, wdtype = dtypes
+    m = _hf_module(style, n, wdtype)
+    x = make_input((6, n), xdtype, scale=3.0)
+    with torch.no_grad():
+        want = m(x)
+    with maybe_backend(backend):
+        got = P.rms_norm(x, n, m.weight.detach(), m.variance_epsilon if style != "gemma" else m.eps, style=style)
+        path = pyllm.explain("rms_norm")
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if "reference" in path:
+        assert torch.equal(got, want), f"reference path not bit-exact with HF {style}"
+        return
+    # Native/emulated: HF's result and ours come from the same fp32 pipeline except for
+    # the order of the sum of squares, so rstd differs by a few fp32 ulps. Measured over
+    # widths 7..20000 and 3 seeds: <= 4.0 fp32 ulps for fp32 outputs; for half outputs a
+    # rounded value can flip by 1 ulp, which the weight multiply (|w| < 2) can carry to
+    # 2 ulps of the output (measured max 2.0, on ~0.01% of elements). Bounds: 6 and 2 ulps.
+    diff = (got.double() - want.double()).abs()
+    ulps = diff / _ulp_of(want)
+    limit = 6.0 if want.dtype == torch.float32 else 2.0
+    assert ulps.max().item() <= limit, f"{style}: {ulps.max().item():.2f} ulps from HF (limit {limit})"
+    if want.dtype != torch.float32:  # nearly all equal: flips only at rounding ties
+        assert (diff > 0).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("style", ["torch", "llama", "t5", "gemma"])
+@pytest.mark.parametrize("backend,n", cases([(7,), (1023,)], [(97,)]))
+def test_rms_norm_styles_vs_reference_fp64(backend, n, style):
+    """Each style in every dtype pair is as accurate as its own fp32 reference pipeline."""
+    for xdtype, wdtype in HF_DTYPES:
+        x = make_input((4, n), xdtype, scale=2.0)
+        w = make_input((n,), wdtype, shift=0.0 if style == "gemma" else 1.0)
+        rd, off, od = P._rms_style(style, xdtype, wdtype)
+        with maybe_backend(backend):
+            got = P.rms_norm(x, n, w, 1e-6, style=style)
+        ref = R.rms_norm(*to64(x, w), 1e-6, rd, off, torch.float64)[0]
+        with pyllm.use_backend("torch"):
+            base = P.rms_norm(x, n, w, 1e-6, style=style)
+        assert got.dtype == od == base.dtype
+        assert_close_to_ref(got, ref, base, name=f"rms_norm[{style}] x{xdtype} w{wdtype}")
+
+
+# ----------------------------------------------------------------------------- masked softmax
+def _mask(kind, shape, dtype):
+    """Masks of every kind for scores of `shape` [B, H, Lq, Lk]."""
+    B, H, Lq, Lk = shape
+    keep_p = 0.7
+    if kind == "none":
+        return None
+    if kind == "bool-full":
+        return torch.rand(shape) < keep_p
+    if kind == "bool-B11L":
+        return torch.rand(B, 1, 1, Lk) < keep_p
+    if kind == "bool-1HLL":
+        return torch.rand(1, H, Lq, Lk) < keep_p
+    if kind == "bool-L":
+        return torch.rand(Lk) < keep_p
+    if kind == "bool-expanded":  # stride-0 view
+        return (torch.rand(B, 1, Lq, 1) < keep_p).expand(B, H, Lq, Lk)
+    if kind == "bool-transposed":
+        return (torch.rand(B, H, Lk, Lq) < keep_p).transpose(-1, -2)
+    if kind.startswith("add-"):
+        _, mdt, layout = kind.split("-")
+        mdt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[mdt]
+        if layout == "full":
+            return (torch.randn(shape) * 2).to(mdt)
+        if layout == "B11L":
+            m = torch.zeros(B, 1, 1, Lk)
+            m[torch.rand(B, 1, 1, Lk) > keep_p] = float("-inf")
+            return m.to(mdt)
+        if layout == "sliced":
+            return (torch.randn(B, H, Lq, 2 * Lk) * 2).to(mdt)[..., ::2]
+        if layout == "L":
+            return torch.randn(Lk).to(mdt)
+    raise ValueError(kind)
+
+
+MASK_KINDS = ["none", "bool-full", "bool-B11L", "bool-1HLL", "bool-L", "bool-expanded", "bool-transposed",
+              "add-f32-full", "add-f16-B11L", "add-bf16-sliced", "add-f32-L", "add-f32-B11L"]
+
+
+SM_SHAPES = [(2, 3, 5, 7), (2, 2, 3, 97), (1, 2, 2, 1023), (1, 1, 2, 4097), (1, 1, 2, 20000)]
+SM_EMU_SHAPES = [(2, 2, 2, 7), (1, 2, 2, 97), (1, 1, 2, 1030)]
+BIG_KINDS = ("none", "bool-B11L", "add-f32-full")  # widths >= 4097: a few kinds keep the suite fast
+
+
+def _sm_cases():
+    out = []
+    for shape in SM_SHAPES:
+        for kind in MASK_KINDS if shape[-1] < 4097 else BIG_KINDS:
+            out.append(pytest.param(None, shape, kind, id=f"{'x'.join(map(str, shape))}-{kind}"))
+    for shape in SM_EMU_SHAPES:
+        for kind in MASK_KINDS:
+            out.append(pytest.param(EMU, shape, kind, marks=pytest.mark.emulated,
+                                    id=f"emu-{'x'.join(map(str, shape))}-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,shape,kind", _sm_cases())
+def test_masked_softmax_forward(backend, shape, kind, dtype):
+    x = make_input(shape, dtype, scale=3.0)
+    mask = _mask(kind, shape, dtype)
+    with maybe_backend(backend):
+        out = P.masked_softmax(x, mask, scale=0.5)
+    assert not out.isnan().any()
+    assert_close_to_ref(out, sm_ref64(x, mask, 0.5, False), sm_baseline(x, mask, 0.5, False),
+                        name=f"masked_softmax[{kind}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kind", ["none", "bool-B11L", "add-f32-full", "bool-1HLL"])
+@pytest.mark.parametrize("backend,lq,lk", cases([(5, 5), (3, 9), (9, 3), (1, 1), (17, 1023)], [(5, 5), (3, 9)],
+                                                 ids=lambda c: f"{c[0]}x{c[1]}"))
+def test_masked_softmax_causal(backend, lq, lk, kind, dtype):
+    """causal=True (top-left) alone and combined with masks; Lq != Lk both ways."""
+    shape = (2, 2, lq, lk)
+    x = make_input(shape, dtype, scale=3.0)
+    mask = _mask(kind, shape, dtype)
+    with maybe_backend(backend):
+        out = P.masked_softmax(x, mask, 1.0, causal=True)
+    assert not out.isnan().any()
+    keep = R.causal_keep(lq, lk)
+    assert (out[..., ~keep] == 0).all(), "causal: a future key got probability"
+    assert_close_to_ref(out, sm_ref64(x, mask, 1.0, True), sm_baseline(x, mask, 1.0, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n", cases([(1,), (7,), (1023,)], [(7,), (1030,)]))
+def test_masked_softmax_fully_masked_rows(backend, n, dtype):
+    """Rows with every key masked give zeros, never NaN: bool masks, -inf additive masks
+    (in every mask dtype), and causal + mask combinations."""
+    x = make_input((4, n), dtype)
+    keep = torch.rand(4, n) < 0.6
+    keep[[0, 2], -1] = True  # rows 0 and 2 keep at least one key
+    keep[1] = False
+    keep[3] = False
+    keep[3, 0] = True  # only the first key visible in row 3
+    add = torch.zeros(4, n)
+    add[~keep] = float("-inf")
+    causal_keep = torch.ones(4, 4, n, dtype=torch.bool)
+    causal_keep[:, :, 0] = False  # first key hidden: causal row 0 has nothing left
+    with maybe_backend(backend):
+        outs = [P.masked_softmax(x, keep), P.masked_softmax(x, add), P.masked_softmax(x, add.to(dtype), 2.0),
+                P.masked_softmax(x.expand(4, 4, n), causal_keep, causal=True)]
+    for o in outs[:3]:
+        assert not o.isnan().any()
+        assert (o[1] == 0).all()
+        assert torch.equal(o[3, 0], torch.ones((), dtype=dtype)) and (o[3, 1:] == 0).all()
+        sums = o.double().sum(-1)
+        assert torch.allclose(sums[[0, 2, 3]], torch.ones(3, dtype=torch.float64), atol=n * torch.finfo(dtype).eps)
+    assert_close_to_ref(outs[0], sm_ref64(x, keep, 1.0, False), sm_baseline(x, keep, 1.0, False))
+    assert_close_to_ref(outs[1], sm_ref64(x, add, 1.0, False), sm_baseline(x, add, 1.0, False))
+    last = outs[3]
+    assert not last.isnan().any() and (last[:, 0] == 0).all()
+    xe = x.expand(4, 4, n)
+    assert_close_to_ref(last, sm_ref64(xe, causal_keep, 1.0, True), sm_baseline(xe, causal_keep, 1.0, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+def test_masked_softmax_noncontiguous_input_and_scales(backend, dtype):
+    x = make_input((2, 3, 9, 13), dtype, layout="transposed", scale=2.0)
+    x2 = make_input((2, 3, 9, 13), dtype, layout="sliced", scale=2.0)
+    mask = _mask("bool-expanded", (2, 3, 9, 13), dtype)
+    for inp in (x, x2):
+        for scale in (1.0, 0.125, 3.0, -1.5, 2):
+            with maybe_backend(backend):
+                out = P.masked_softmax(inp, mask, scale)
+            assert_close_to_ref(out, sm_ref64(inp, mask, scale, False), sm_baseline(inp, mask, scale, False))
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+def test_masked_softmax_low_rank_inputs(backend):
+    """1-D input, 2-D input with a mask of the same rank, and a 3-D input with a [Lk] mask."""
+    x1 = torch.randn(11)
+    x2 = torch.randn(4, 11)
+    m = torch.rand(11) < 0.5
+    m[0] = True
+    with maybe_backend(backend):
+        o1 = P.masked_softmax(x1, m, 2.0)
+        o2 = P.masked_softmax(x2, None, 1.0, causal=True)
+        o3 = P.masked_softmax(x2.expand(3, 4, 11), m)
+    assert_close_to_ref(o1, sm_ref64(x1, m, 2.0, False), sm_baseline(x1, m, 2.0, False))
+    assert_close_to_ref(o2, sm_ref64(x2, None, 1.0, True), sm_baseline(x2, None, 1.0, True))
+    x3 = x2.expand(3, 4, 11)
+    assert_close_to_ref(o3, sm_ref64(x3, m, 1.0, False), sm_baseline(x3, m, 1.0, False))
+
+
+def test_empty_inputs():
+    for dt in DTYPES:
+        x = torch.randn(0, 8, dtype=dt)
+        assert P.layer_norm(x, 8).shape == (0, 8)
+        assert P.add_layer_norm(x, x, 8)[1].shape == (0, 8)
+        assert P.rms_norm(x, 8).shape == (0, 8)
+        assert P.masked_softmax(x).shape == (0, 8)
+        assert P.masked_softmax(torch.randn(2, 0, dtype=dt)).shape == (2, 0)
+
+
+def test_float64_inputs_use_reference_and_match_torch():
+    x = torch.randn(3, 17, dtype=torch.float64)
+    w, b = torch.randn(17, dtype=torch.float64), torch.randn(17, dtype=torch.float64)
+    torch.testing.assert_close(P.layer_norm(x, 17, w, b), tF.layer_norm(x, (17,), w, b))
+    torch.testing.assert_close(P.rms_norm(x, 17, w), tF.rms_norm(x, (17,), w))
+    torch.testing.assert_close(P.masked_softmax(x, None, 0.5), (x * 0.5).softmax(-1))
+
+
+# ----------------------------------------------------------------------------- gradients
+GRAD_WIDTHS = [(1, (2, 3)), (7, (3, 5)), (97, (2, 3)), (1023, (2, 2)), (4097, (2,))]
+EMU_GRAD_WIDTHS = [(7, (2, 3)), (1030, (2,))]
+
+
+def _check_grads(got, ref, base, names):
+    for g, r, t, name in zip(got, ref, base, names):
+        if r is None:
+            assert g is None, f"{name}: unexpected gradient"
+            continue
+        assert g is not None and g.dtype == t.dtype, f"{name}: gradient missing or wrong dtype"
+        assert_close_to_ref(g, r, t, mult=3.0, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("affine", AFFINE, ids=lambda a: f"w{int(a[0])}b{int(a[1])}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n,lead", cases(GRAD_WIDTHS, EMU_GRAD_WIDTHS))
+def test_layer_norm_grads(backend, n, lead, dtype, affine):
+    x = make_input(lead + (n,), dtype, scale=2.0, shift=0.5).requires_grad_()
+    w = make_input((n,), dtype, shift=1.0).requires_grad_() if affine[0] else None
+    b = make_input((n,), dtype).requires_grad_() if affine[1] else None
+    gy = torch.randn(x.shape).to(dtype)
+    ins = [x, w, b]
+    with maybe_backend(backend):
+        got = grads_of((P.layer_norm(x, n, w, b) * gy).sum(), ins)
+    i64 = to64(*ins)
+    ref = grads_of((R.layer_norm(*i64)[0] * gy.double()).sum(), i64)
+    base = grads_of((tF.layer_norm(x, (n,), w, b) * gy).sum(), ins)
+    _check_grads(got, ref, base, ["input", "weight", "bias"])
+
+
+@pytest.mark.parametrize("use", ["both", "out", "summed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n,lead", cases(GRAD_WIDTHS[1:], EMU_GRAD_WIDTHS))
+def test_add_layer_norm_grads(backend, n, lead, dtype, use):
+    """Loss through both outputs (out and summed), or only one of them."""
+    x = make_input(lead + (n,), dtype, scale=2.0).requires_grad_()
+    r = make_input(lead + (n,), dtype).requires_grad_()
+    w = make_input((n,), dtype, shift=1.0).requires_grad_()
+    b = make_input((n,), dtype).requires_grad_()
+    gy, gs = torch.randn(x.shape).to(dtype), torch.randn(x.shape).to(dtype)
+    ins = [x, r, w, b]
+
+    def loss(out, summed, cast=lambda t: t):
+        terms = []
+        if use in ("both", "out"):
+            terms.append((out * cast(gy)).sum())
+        if use in ("both", "summed"):
+            terms.append((summed * cast(gs)).sum())
+        return sum(terms)
+
+    with maybe_backend(backend):
+        got = grads_of(loss(*P.add_layer_norm(x, r, n, w, b)), ins)
+    i64 = to64(*ins)
+    s64 = i64[0] + i64[1]
+    ref = grads_of(loss(R.layer_norm(s64, i64[2], i64[3])[0], s64, lambda t: t.double()), i64)
+    st = x + r
+    base = grads_of(loss(tF.layer_norm(st, (n,), w, b), st), ins)
+    if use == "summed":  # weight and bias get no gradient; torch reports None, so must we (or zeros)
+        got = [g if g is None or i < 2 else (None if g.abs().max() == 0 else g) for i, g in enumerate(got)]
+        ref, base = ref[:2] + [None, None], base[:2] + [None, None]
+    _check_grads(got, ref, base, ["input", "residual", "weight", "bias"])
+
+
+@pytest.mark.parametrize("style", ["torch", "llama", "t5", "gemma"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n,lead", cases(GRAD_WIDTHS, EMU_GRAD_WIDTHS))
+def test_rms_norm_grads(backend, n, lead, dtype, style):
+    x = make_input(lead + (n,), dtype, scale=2.0, shift=0.3).requires_grad_()
+    w = make_input((n,), dtype, shift=0.0 if style == "gemma" else 1.0).requires_grad_()
+    ins = [x, w]
+    rd, off, od = P._rms_style(style, dtype, dtype)
+    gy = torch.randn(x.shape).to(od)
+    with maybe_backend(backend):
+        got = grads_of((P.rms_norm(x, n, w, 1e-6, style=style) * gy).sum(), ins)
+        got_nw = grads_of((P.rms_norm(x, n, None, 1e-6, style=style) * gy).sum(), [x])
+    i64 = to64(*ins)
+    # Rounding to round_dtype is a straight-through step for autograd (as in HF's modules).
+    ref = grads_of((R.rms_norm(i64[0], i64[1], 1e-6, None, off, torch.float64)[0] * gy.double()).sum(), i64)
+    ref_nw = grads_of((R.rms_norm(i64[0], None, 1e-6)[0] * gy.double()).sum(), [i64[0]])
+    if style == "torch":
+        base = grads_of((tF.rms_norm(x, (n,), w, 1e-6) * gy).sum(), ins)
+        base_nw = grads_of((tF.rms_norm(x, (n,), None, 1e-6) * gy).sum(), [x])
+    else:  # the same fp32 pipeline in plain PyTorch ops (HF's modules, generalized)
+        base = grads_of((R.rms_norm(x, w, 1e-6, rd, off, od)[0] * gy).sum(), ins)
+        base_nw = grads_of((R.rms_norm(x, None, 1e-6, rd, off, od)[0] * gy).sum(), [x])
+    _check_grads(got, ref, base, ["input", "weight"])
+    _check_grads(got_nw, ref_nw, base_nw, ["input (no weight)"])
+
+
+MASK_GRAD_SHAPES = [None, "full", "B11L", "1HLL", "L", "expanded"]
+
+
+@pytest.mark.parametrize("mshape", MASK_GRAD_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,shape", cases([((2, 3, 4, 7),), ((1, 2, 3, 1023),)], [((1, 2, 3, 7),)],
+                                                ids=lambda c: "x".join(map(str, c[0]))))
+def test_masked_softmax_grads(backend, shape, dtype, mshape):
+    """Gradients for the input and for an additive mask that requires grad, including
+    broadcast (reduced) and expanded masks; bool masks and causal rows get input grads."""
+    B, H, Lq, Lk = shape
+    x = make_input(shape, dtype, scale=2.0).requires_grad_()
+    if mshape is None:
+        mask = None
+    elif mshape == "expanded":
+        leaf = torch.randn(B, 1, Lq, 1).to(dtype).requires_grad_()
+        mask = leaf.expand(shape)
+    else:
+        s = {"full": shape, "B11L": (B, 1, 1, Lk), "1HLL": (1, H, Lq, Lk), "L": (Lk,)}[mshape]
+        leaf = mask = torch.randn(s).to(dtype).requires_grad_()
+    ins = [x] if mask is None else [x, leaf]
+    gy = torch.randn(shape).to(dtype)
+    with maybe_backend(backend):
+        got = grads_of((P.masked_softmax(x, mask, 0.7) * gy).sum(), ins)
+        xc = x.detach().requires_grad_()
+        keep = torch.rand(shape) < 0.7
+        got_c = grads_of((P.masked_softmax(xc, keep, 0.7, causal=True) * gy).sum(), [xc])
+    i64 = to64(*ins)
+    m64 = None if mask is None else (i64[1].expand(shape) if mshape == "expanded" else i64[1])
+    ref = grads_of((R.masked_softmax(i64[0], m64, 0.7) * gy.double()).sum(), i64)
+    mt = None if mask is None else mask
+    base = grads_of((sm_baseline(x, mt, 0.7, False) * gy).sum(), ins)
+    _check_grads(got, ref, base, ["input", "mask"])
+    xc64 = to64(xc)[0]
+    ref_c = grads_of((R.masked_softmax(xc64, keep, 0.7, True) * gy.double()).sum(), [xc64])
+    base_c = grads_of((sm_baseline(xc, keep, 0.7, True).nan_to_num(0.0) * gy).sum(), [xc])
+    _check_grads(got_c, ref_c, base_c, ["input (bool + causal)"])
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+def test_masked_softmax_grads_fully_masked_rows_are_zero(backend):
+    x = torch.randn(3, 6, requires_grad=True)
+    add = torch.zeros(3, 6)
+    add[1] = float("-inf")
+    add.requires_grad_()
+    keep = torch.ones(3, 6, dtype=torch.bool)
+    keep[2] = False
+    with maybe_backend(backend):
+        gx, gm = torch.autograd.grad(P.masked_softmax(x, add).pow(2).sum(), [x, add])
+        (gx2,) = torch.autograd.grad(P.masked_softmax(x, keep).pow(2).sum(), [x])
+    for g in (gx, gm, gx2):
+        assert torch.isfinite(g).all()
+    assert (gx[1] == 0).all() and (gm[1] == 0).all() and (gx2[2] == 0).all()
+    assert gx[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+def test_grads_mixed_dtype_params(backend):
+    """bf16 input with fp32 weight/bias: parameter grads in fp32, input grad in bf16."""
+    n = 97
+    x = make_input((4, n), torch.bfloat16, scale=2.0).requires_grad_()
+    w = make_input((n,), torch.float32, shift=1.0).requires_grad_()
+    b = make_input((n,), torch.float32).requires_grad_()
+    gy = torch.randn(4, n).to(torch.bfloat16)
+    with maybe_backend(backend):
+        got = grads_of((P.layer_norm(x, n, w, b) * gy).sum(), [x, w, b])
+        got_r = grads_of((P.rms_norm(x, n, w) * gy).sum(), [x, w])
+    i64 = to64(x, w, b)
+    ref = grads_of((R.layer_norm(*i64)[0] * gy.double()).sum(), i64)
+    base = grads_of((tF.layer_norm(x, (n,), w, b) * gy).sum(), [x, w, b])
+    _check_grads(got, ref, base, ["input", "weight", "bias"])
+    ref_r = grads_of((R.rms_norm(i64[0], i64[1], FP32_EPS)[0] * gy.double()).sum(), i64[:2])
+    base_r = grads_of((tF.rms_norm(x, (n,), w) * gy).sum(), [x, w])
+    _check_grads(got_r, ref_r, base_r, ["input", "weight"])
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+def test_multi_dim_normalized_shape_grads(backend):
+    x = make_input((3, 4, 5), torch.float32, layout="transposed").requires_grad_()
+    w = make_input((4, 5), torch.float32, shift=1.0).requires_grad_()
+    b = make_input((4, 5), torch.float32).requires_grad_()
+    gy = torch.randn(3, 4, 5)
+    with maybe_backend(backend):
+        got = grads_of((P.layer_norm(x, (4, 5), w, b) * gy).sum(), [x, w, b])
+        got_r = grads_of((P.rms_norm(x, (4, 5), w) * gy).sum(), [x, w])
+    i64 = to64(x, w, b)
+    ref = grads_of((tF.layer_norm(i64[0], (4, 5), i64[1], i64[2]) * gy.double()).sum(), i64)
+    base = grads_of((tF.layer_norm(x, (4, 5), w, b) * gy).sum(), [x, w, b])
+    _check_grads(got, ref, base, ["input", "weight", "bias"])
+    ref_r = grads_of((tF.rms_norm(i64[0], (4, 5), i64[1], FP32_EPS) * gy.double()).sum(), i64[:2])
+    base_r = grads_of((tF.rms_norm(x, (4, 5), w) * gy).sum(), [x, w])
+    _check_grads(got_r, ref_r, base_r, ["input", "weight"])
+
+
+def test_gradcheck_fp64_reference_path():
+    """fp64 goes through the reference; gradcheck keeps the autograd formulas honest."""
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: P.layer_norm(x, 6, w, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: P.rms_norm(x, 6, w, style="gemma"), (x, w))
+    assert torch.autograd.gradcheck(lambda x, m: P.masked_softmax(x, m, 0.3), (x, m))
+    assert torch.autograd.gradcheck(lambda x, r: P.add_layer_norm(x, r, 6, w, b), (x, x.detach().flip(0).requires_grad_()))
+
+
+def test_math_sanity_independent_of_reference():
+    """Properties that hold whatever the reference says: normalized rows have mean 0 and
+    variance 1, RMS-normalized rows have mean square 1, softmax rows sum to 1 and are
+    invariant to a per-row shift."""
+    x = torch.randn(8, 257) * 5 + 3
+    y = P.layer_norm(x, 257, eps=0.0)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(8), atol=1e-4, rtol=0)
+    z = P.rms_norm(x, 257, eps=0.0)
+    torch.testing.assert_close(z.square().mean(-1), torch.ones(8), atol=1e-5, rtol=0)
+    p = P.masked_softmax(x)
+    torch.testing.assert_close(p.sum(-1), torch.ones(8))
+    torch.testing.assert_close(P.masked_softmax(x + torch.randn(8, 1) * 10), p, atol=1e-6, rtol=1e-5)
+    assert math.isclose(P.masked_softmax(torch.tensor([0.0, math.log(3.0)]))[1].item(), 0.75, rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- regressions
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n", cases([(129,), (1023,), (4097,)], [(129,), (1030,)]))
+def test_layer_norm_large_mean_small_std(backend, n, dtype):
+    """|mean| >> std: x - mean cancels, so the mean must be accurate to its last bit (the
+    CPU kernel's fp32 sum was 2.5x worse than torch here; it now accumulates in fp64)."""
+    x = make_input((4, n), dtype, scale=0.01, shift=5.0, seed=0)
+    w, b = make_input((n,), dtype, shift=1.0), make_input((n,), dtype)
+    r = make_input((4, n), dtype, scale=0.01, seed=1)
+    with maybe_backend(backend):
+        out = P.layer_norm(x, n, w, b)
+        out2, summed = P.add_layer_norm(x, r, n, w, b)
+    assert_close_to_ref(out, R.layer_norm(*to64(x, w, b))[0], tF.layer_norm(x, (n,), w, b))
+    assert_close_to_ref(out2, R.layer_norm(*to64(summed, w, b))[0], tF.layer_norm(x + r, (n,), w, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+def test_layer_norm_width1_input_grad_is_exactly_zero(backend, dtype):
+    """With one element per row the output is the bias whatever x is: dx must be exactly 0
+    (FMA contraction in the backward once left rstd * rounding-error ~ 1e-5)."""
+    x = (torch.randn(6, 1) * 0.01).to(dtype).requires_grad_()
+    r = torch.randn(6, 1).to(dtype).requires_grad_()
+    w = (torch.rand(1) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(1).to(dtype).requires_grad_()
+    gy = torch.randn(6, 1).to(dtype)
+    with maybe_backend(backend):
+        gx, gw = torch.autograd.grad((P.layer_norm(x, 1, w, b) * gy).sum(), [x, w])
+        o, s = P.add_layer_norm(x, r, 1, w, b)
+        gx2, gr2 = torch.autograd.grad((o * gy).sum(), [x, r])
+    assert (gx == 0).all() and (gx2 == 0).all() and (gr2 == 0).all() and (gw == 0).all()
