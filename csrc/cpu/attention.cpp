@@ -118,6 +118,11 @@ Blk rows_f32(const void* base, int type, int64_t off, int64_t ld, int64_t n, int
   if (type == 0) return {static_cast<const float*>(base) + off, ld};
   if ((int64_t)buf.size() < n * dim) buf.resize(n * dim);
   const uint16_t* src = static_cast<const uint16_t*>(base) + off;
+  if (ld == dim) {  // contiguous rows: one call for the whole block
+    if (type == 1) row::half_to_float(src, buf.data(), n * dim);
+    else row::bf16_to_float(src, buf.data(), n * dim);
+    return {buf.data(), dim};
+  }
   for (int64_t r = 0; r < n; ++r) {
     if (type == 1) row::half_to_float(src + r * ld, buf.data() + r * dim, dim);
     else row::bf16_to_float(src + r * ld, buf.data() + r * dim, dim);
@@ -234,8 +239,11 @@ void forward_block(const Args& a, const RowBlock& rb, int64_t kbeg, int64_t kend
   std::fill(m, m + R, kNegInf);
   std::fill(l, l + R, 0.f);
   const auto [klo, khi] = key_range(a, rb, kbeg, kend);
-  for (int64_t k0 = klo; k0 < khi; k0 += a.bk) {
-    const int64_t n = std::min(a.bk, khi - k0);
+  // Equal chunks of at most bk keys (no small trailing chunk), multiples of 16.
+  const int64_t nchunks = (khi - klo + a.bk - 1) / a.bk;
+  const int64_t chunk = nchunks > 0 ? std::min(a.bk, ((khi - klo + nchunks - 1) / nchunks + 15) / 16 * 16) : a.bk;
+  for (int64_t k0 = klo; k0 < khi; k0 += chunk) {
+    const int64_t n = std::min(chunk, khi - k0);
     const Blk kb = k_block(a, rb.b, rb.kvh, k0, n, w.kb);
     gemm(false, true, R, n, D, 1.f, w.qs.data(), D, kb.p, kb.ld, 0.f, s, n);
     bool any = false;
