@@ -31,7 +31,17 @@
   at::Tensor masked_softmax(const at::Tensor& input, const std::optional<at::Tensor>& mask, \
                             double scale, bool causal);                                 \
   at::Tensor masked_softmax_backward(const at::Tensor& grad_out, const at::Tensor& out, \
-                                     double scale);
+                                     double scale);                                     \
+  std::tuple<at::Tensor, at::Tensor> attention(                                         \
+      const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,          \
+      const std::optional<at::Tensor>& mask, double scale, bool causal, bool bottom_right, \
+      int64_t window_left, int64_t window_right, double dropout_p, int64_t seed);       \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(        \
+      const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,       \
+      const at::Tensor& value, const std::optional<at::Tensor>& mask,                   \
+      const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,          \
+      bool bottom_right, int64_t window_left, int64_t window_right, double dropout_p,   \
+      int64_t seed, bool mask_grad);
 
 namespace pyllm {
 namespace cpu { PYLLM_DECLARE_OPS }

@@ -26,6 +26,8 @@ TORCH_LIBRARY(PYLLM_NS, m) {
   m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, ScalarType? round_dtype, float weight_offset) -> (Tensor, Tensor)");
   m.def("masked_softmax(Tensor input, Tensor? mask, float scale, bool causal) -> Tensor");
   m.def("masked_softmax_backward(Tensor grad_out, Tensor out, float scale) -> Tensor");
+  m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale, bool causal, bool bottom_right, int window_left, int window_right, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? mask, Tensor out, Tensor lse, float scale, bool causal, bool bottom_right, int window_left, int window_right, float dropout_p, int seed, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 // clang-format on
 
@@ -36,7 +38,9 @@ TORCH_LIBRARY(PYLLM_NS, m) {
   m.impl("rms_norm", &pyllm::ns::rms_norm);                            \
   m.impl("rms_norm_backward", &pyllm::ns::rms_norm_backward);          \
   m.impl("masked_softmax", &pyllm::ns::masked_softmax);                \
-  m.impl("masked_softmax_backward", &pyllm::ns::masked_softmax_backward);
+  m.impl("masked_softmax_backward", &pyllm::ns::masked_softmax_backward);    \
+  m.impl("attention", &pyllm::ns::attention);                          \
+  m.impl("attention_backward", &pyllm::ns::attention_backward);
 
 #if defined(PYLLM_EMULATED)
 TORCH_LIBRARY_IMPL(PYLLM_NS, CPU, m) { PYLLM_IMPL_ALL(m, emu) }

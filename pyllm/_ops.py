@@ -122,6 +122,37 @@ def _register(ns: str) -> None:
 
     torch.library.register_autograd(f"{ns}::masked_softmax", sm_backward, setup_context=sm_setup)
 
+    # ------------------------------------------------------------- attention
+    @torch.library.register_fake(f"{ns}::attention")
+    def _(q, k, v, mask, scale, causal, bottom_right, wl, wr, dropout_p, seed):
+        torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "attention expects 4-D q/k/v")
+        b, hq, lq, _d = q.shape
+        return _empty((b, hq, lq, v.shape[-1]), q), _empty((b, hq, lq), q, torch.float32)
+
+    @torch.library.register_fake(f"{ns}::attention_backward")
+    def _(gout, q, k, v, mask, out, lse, scale, causal, bottom_right, wl, wr, dropout_p, seed, mask_grad):
+        b, hq, lq, _d = q.shape
+        want = mask_grad and mask is not None and mask.dtype != torch.bool
+        dmask = _empty((b, hq, lq, k.shape[-2]), q, torch.float32) if want else _empty((0,), q, torch.float32)
+        return _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v), dmask
+
+    def attn_setup(ctx, inputs, output):
+        q, k, v, mask, scale, causal, bottom_right, wl, wr, dropout_p, seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.args = (scale, causal, bottom_right, wl, wr, dropout_p, seed)
+
+    def attn_backward(ctx, gout, _glse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        want_mask = bool(ctx.needs_input_grad[3]) and mask is not None and mask.dtype != torch.bool
+        if gout is None:
+            gout = torch.zeros_like(out)
+        dq, dk, dv, dmask = lib.attention_backward(gout, q, k, v, mask, out, lse, *ctx.args, want_mask)
+        dm = dmask.sum_to_size(mask.shape).to(mask.dtype) if want_mask else None
+        return dq, dk, dv, dm, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"{ns}::attention", attn_backward, setup_context=attn_setup)
+
 
 if _ext.HAS_C:
     _register("pyllm")

@@ -15,7 +15,10 @@ import torch
 
 from . import _ext, _ops  # noqa: F401  (registers fakes and autograd)
 from . import reference as ref
-from .backends import select
+from . import backends as _backends
+from .backends import current_backend, select
+
+_GPU_MAX_HEAD_DIM = 256
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -305,6 +308,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                           causal_alignment, sliding_window)
     ns = select("scaled_dot_product_attention", query, key, value, attn_mask)
     kernel = getattr(ns, "attention", None) if ns is not None else None
+    dmax = max(query.shape[-1], value.shape[-1])
+    if kernel is not None and dmax > _GPU_MAX_HEAD_DIM and query.device.type != "cpu" and current_backend() == "auto":
+        # The CUDA kernel keeps a row of the output in registers (head dims <= 256).
+        _backends._LAST["scaled_dot_product_attention"] = (
+            f"scaled_dot_product_attention: backend 'auto' -> reference (PyTorch) because head dim {dmax} > "
+            f"{_GPU_MAX_HEAD_DIM} (CUDA kernel limit)")
+        kernel = None
     if kernel is not None and _use_kernel(ns, query, key, value):
         return _attention_kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale,
                                  causal_alignment, sliding_window)
@@ -314,7 +324,32 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 def _attention_kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale, causal_alignment,
                       sliding_window):
-    raise NotImplementedError("attention kernels are added by the attention work")
+    """Runs ``ns.attention`` on [B, H, L, D] views of the arguments (leading dims flattened)."""
+    lead = query.shape[:-3]
+    hq, lq, d = query.shape[-3:]
+    lk = key.shape[-2]
+    mask = attn_mask
+    if query.dim() != 4:
+        b = math.prod(lead)
+        q = query.reshape(b, hq, lq, d)
+        k = key.reshape(b, *key.shape[-3:])
+        v = value.reshape(b, *value.shape[-3:])
+        if mask is not None:
+            # Leading dims of the mask broadcast over the flattened batch: a view when they
+            # merge (the usual case), else one copy of the mask at the scores' size.
+            mask = mask.expand(*lead, hq, lq, lk).reshape(b, hq, lq, lk) if query.dim() > 4 else mask
+    else:
+        q, k, v = query, key, value
+    if mask is not None and mask.dtype == torch.float64:
+        mask = mask.float()
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    wl, wr = (-1, -1) if sliding_window is None else (int(sliding_window[0]), int(sliding_window[1]))
+    seed = 0
+    if dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+    out = ns.attention(q, k, v, mask, scale, bool(is_causal), causal_alignment == "bottom_right", wl, wr,
+                       float(dropout_p), seed)[0]
+    return out.reshape(*lead, hq, lq, value.shape[-1])
 
 
 __all__ += ["scaled_dot_product_attention"]

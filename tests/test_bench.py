@@ -92,4 +92,5 @@ def test_gpu_check_sanitizer_script_runs_on_cpu(monkeypatch, capsys):
     monkeypatch.setenv("PYLLM_SANITIZE_DEVICE", "cpu")
     exec(compile(gpu_check.SANITIZER_SCRIPT, "pyllm_sanitize.py", "exec"), {"__name__": "__main__"})
     out = capsys.readouterr().out
-    assert "exercised: norms+softmax torch.float32; norms+softmax torch.float16; norms+softmax torch.bfloat16" in out
+    assert ("exercised: norms+softmax torch.float32; attention torch.float32; norms+softmax torch.float16; "
+            "attention torch.float16; norms+softmax torch.bfloat16; attention torch.bfloat16") in out

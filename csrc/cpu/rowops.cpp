@@ -226,6 +226,18 @@ PYLLM_MULTIVERSION float exp_sub_sum(const float* x, float* y, int64_t n, float 
   }
   return acc;
 }
+PYLLM_MULTIVERSION void mask_fill_bool(float* s, const uint8_t* keep, int64_t n) {
+  SIMD for (int64_t i = 0; i < n; ++i) s[i] = keep[i] ? s[i] : -std::numeric_limits<float>::infinity();
+}
+PYLLM_MULTIVERSION void exp_sub(const float* x, float* y, int64_t n, float m) {
+  SIMD for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_neg(x[i] - m);
+    y[i] = (x[i] == -std::numeric_limits<float>::infinity()) ? 0.f : e;
+  }
+}
+PYLLM_MULTIVERSION void sub_mul(const float* p, const float* dp, float* ds, int64_t n, float d) {
+  SIMD for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (dp[i] - d);
+}
 PYLLM_MULTIVERSION void layer_norm_backward(const float* dy, const float* x, const float* w,
                                             float mean, float rstd, float* dx, float* dw,
                                             float* db, int64_t n) {

@@ -44,6 +44,14 @@ float scale_add_max(const float* x, const float* add, float* y, int64_t n, float
 // y[i] = exp(x[i] - m); returns the sum.
 float exp_sub_sum(const float* x, float* y, int64_t n, float m);
 
+// Attention pieces.
+// s[i] = keep[i] ? s[i] : -inf   (keep: one byte per element, 0 or 1)
+void mask_fill_bool(float* s, const uint8_t* keep, int64_t n);
+// y[i] = exp(x[i] - m) with exp(-inf) = 0 (x[i] - m <= ~0)
+void exp_sub(const float* x, float* y, int64_t n, float m);
+// ds[i] = p[i] * (dp[i] - d)
+void sub_mul(const float* p, const float* dp, float* ds, int64_t n, float d);
+
 // LayerNorm backward for one row. g = dy * w (w may be null); xhat = (x - mean) * rstd.
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); accumulates dw += dy * xhat, db += dy.
 void layer_norm_backward(const float* dy, const float* x, const float* w, float mean,

@@ -3,5 +3,6 @@
 pyllm's fused kernels in ``forward``."""
 from .norm import LayerNorm, RMSNorm
 from .softmax import FusedScaleMaskSoftmax
+from .attention import MultiheadAttention
 
-__all__ = ["LayerNorm", "RMSNorm", "FusedScaleMaskSoftmax"]
+__all__ = ["LayerNorm", "RMSNorm", "FusedScaleMaskSoftmax", "MultiheadAttention"]
