@@ -4,6 +4,11 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define PYLLM_X86_DISPATCH 1
+#endif
+
 // Every hot loop below is plain C++ that GCC vectorizes; target_clones builds one
 // copy per instruction set and the loader picks the best one for this CPU.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
@@ -85,20 +90,80 @@ inline float exp_neg(float x) {
 
 }  // namespace
 
-PYLLM_MULTIVERSION void half_to_float(const uint16_t* src, float* dst, int64_t n) {
-  SIMD for (int64_t i = 0; i < n; ++i) dst[i] = h2f(src[i]);
+// fp16 <-> fp32: hardware conversions (AVX-512F / F16C, both round-to-nearest-even)
+// chosen once at run time, with the portable bit-manipulation versions as fallback.
+namespace {
+void half_to_float_portable(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = h2f(src[i]);
+}
+void float_to_half_portable(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f2h(src[i]);
+}
+#if defined(PYLLM_X86_DISPATCH)
+__attribute__((target("avx512f"))) void half_to_float_avx512(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = h2f(src[i]);
+}
+__attribute__((target("avx512f"))) void float_to_half_avx512(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = f2h(src[i]);
+}
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = h2f(src[i]);
+}
+__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = f2h(src[i]);
+}
+#endif
+using H2F = void (*)(const uint16_t*, float*, int64_t);
+using F2H = void (*)(const float*, uint16_t*, int64_t);
+H2F pick_h2f() {
+#if defined(PYLLM_X86_DISPATCH)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return half_to_float_avx512;
+  if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) return half_to_float_f16c;
+#endif
+  return half_to_float_portable;
+}
+F2H pick_f2h() {
+#if defined(PYLLM_X86_DISPATCH)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return float_to_half_avx512;
+  if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) return float_to_half_f16c;
+#endif
+  return float_to_half_portable;
+}
+const H2F g_h2f = pick_h2f();
+const F2H g_f2h = pick_f2h();
+}  // namespace
+
+void half_to_float(const uint16_t* src, float* dst, int64_t n) { g_h2f(src, dst, n); }
+void float_to_half(const float* src, uint16_t* dst, int64_t n) { g_f2h(src, dst, n); }
+void round_through_half(float* x, int64_t n) {
+  uint16_t tmp[256];
+  for (int64_t i = 0; i < n; i += 256) {
+    const int64_t m = n - i < 256 ? n - i : 256;
+    g_f2h(x + i, tmp, m);
+    g_h2f(tmp, x + i, m);
+  }
 }
 PYLLM_MULTIVERSION void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
   SIMD for (int64_t i = 0; i < n; ++i) dst[i] = bf2f(src[i]);
 }
-PYLLM_MULTIVERSION void float_to_half(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = f2h(src[i]);
-}
 PYLLM_MULTIVERSION void float_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   SIMD for (int64_t i = 0; i < n; ++i) dst[i] = f2bf(src[i]);
-}
-PYLLM_MULTIVERSION void round_through_half(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = h2f(f2h(x[i]));
 }
 PYLLM_MULTIVERSION void round_through_bf16(float* x, int64_t n) {
   SIMD for (int64_t i = 0; i < n; ++i) x[i] = bf2f(f2bf(x[i]));
