@@ -544,16 +544,9 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, do
 // Sets a.mask/a.mi; returns the holder tensor keeping the mask alive.
 at::Tensor setup_mask(Args& a, const std::optional<at::Tensor>& mask, const at::Tensor& q) {
   if (!mask.has_value() || !mask->defined()) return {};
+  const at::Tensor mf = expand_mask(mask, q, {a.B, a.Hq, a.Lq, a.Lk}, "attn_mask", "query", a.mi,
+                                    /*to_float=*/true, /*allow_double=*/true);
   const auto mt = mask->scalar_type();
-  TORCH_CHECK(mt == at::kBool || is_supported_float(mt) || mt == at::kDouble,
-              "pyllm: attn_mask must be bool (True = attend) or a float additive mask, got ", mt);
-  PYLLM_CHECK_SAME_DEVICE(*mask, q, "attn_mask", "query");
-  const std::vector<int64_t> full{a.B, a.Hq, a.Lq, a.Lk};
-  TORCH_CHECK(mask->dim() <= 4 && at::infer_size(mask->sizes(), full) == full, "pyllm: attn_mask of shape ",
-              mask->sizes(), " is not broadcastable to the scores' shape ", full);
-  at::Tensor m = mt == at::kBool ? *mask : mask->to(at::kFloat);  // keeps its (small) shape
-  at::Tensor mf = m.expand(full);
-  a.mi = make_row_indexer(mf);
   a.mk = mt == at::kBool ? MaskKind::kBool : MaskKind::kFloat;
   a.mask = mf.data_ptr();
   return mf;

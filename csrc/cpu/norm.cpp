@@ -63,11 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
     const at::Tensor& input_, const at::Tensor& residual_, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   check_norm_input(input_);
-  PYLLM_CHECK_FLOAT(residual_, "residual");
-  PYLLM_CHECK_SAME_DEVICE(residual_, input_, "residual", "input");
-  TORCH_CHECK(residual_.sizes() == input_.sizes() && residual_.scalar_type() == input_.scalar_type(),
-              "pyllm: residual must have the input's shape ", input_.sizes(), " and dtype ",
-              input_.scalar_type(), ", got ", residual_.sizes(), " ", residual_.scalar_type());
+  check_residual(residual_, input_);
   check_norm_param(weight, input_, "weight");
   check_norm_param(bias, input_, "bias");
   const at::Tensor input = input_.contiguous(), residual = residual_.contiguous();

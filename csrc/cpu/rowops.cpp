@@ -264,7 +264,10 @@ PYLLM_MULTIVERSION float scale_keep_max(const float* x, const bool* keep, float*
   const uint8_t* k = reinterpret_cast<const uint8_t*>(keep);
   float m = -std::numeric_limits<float>::infinity();
   _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) {
-    const float v = k[i] ? x[i] * s : -std::numeric_limits<float>::infinity();
+    // Branch-free select on the bit patterns (GCC turns a ?: here back into a branch):
+    // keep -> x*s, else -inf (0xff800000).
+    const uint32_t sel = 0u - (uint32_t)(k[i] != 0);
+    const float v = bits_to_float((float_to_bits(x[i] * s) & sel) | (0xff800000u & ~sel));
     y[i] = v;
     m = v > m ? v : m;
   }

@@ -362,16 +362,8 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // Returns the expanded mask (bool or fp32) and sets p.mi; undefined when there is none.
 at::Tensor prepare_mask(AttnParams& p, const std::optional<at::Tensor>& mask, const at::Tensor& q) {
   if (!mask.has_value() || !mask->defined()) return {};
-  const auto mt = mask->scalar_type();
-  TORCH_CHECK(mt == at::kBool || is_supported_float(mt) || mt == at::kDouble,
-              "pyllm: attn_mask must be bool (True = attend) or a float additive mask, got ", mt);
-  PYLLM_CHECK_SAME_DEVICE(*mask, q, "attn_mask", "query");
-  const std::vector<int64_t> full{p.B, p.Hq, p.Lq, p.Lk};
-  TORCH_CHECK(mask->dim() <= 4 && at::infer_size(mask->sizes(), full) == full, "pyllm: attn_mask of shape ",
-              mask->sizes(), " is not broadcastable to the scores' shape ", full);
-  at::Tensor m = (mt == at::kBool ? *mask : mask->to(at::kFloat)).expand(full);
-  p.mi = make_row_indexer(m);
-  return m;
+  return expand_mask(mask, q, {p.B, p.Hq, p.Lq, p.Lk}, "attn_mask", "query", p.mi,
+                     /*to_float=*/true, /*allow_double=*/true);
 }
 
 template <typename F>

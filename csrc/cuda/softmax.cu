@@ -101,19 +101,9 @@ at::Tensor masked_softmax(const at::Tensor& input_, const std::optional<at::Tens
   const at::Tensor input = input_.contiguous();
   at::Tensor out = at::empty_like(input);
   if (input.numel() == 0) return out;
-  const bool has_mask = mask.has_value() && mask->defined();
-  at::Tensor mfull;
   RowIndexer mi;
-  if (has_mask) {
-    const auto mt = mask->scalar_type();
-    TORCH_CHECK(mt == at::kBool || is_supported_float(mt),
-                "pyllm: mask must be bool (True = keep) or a float additive mask, got ", mt);
-    PYLLM_CHECK_SAME_DEVICE(*mask, input, "mask", "input");
-    TORCH_CHECK(mask->dim() <= input.dim(), "pyllm: mask of shape ", mask->sizes(),
-                " is not broadcastable to input of shape ", input.sizes());
-    mfull = mask->expand(input.sizes());
-    mi = make_row_indexer(mfull);
-  }
+  const at::Tensor mfull = expand_mask(mask, input, input.sizes(), "mask", "input", mi);
+  const bool has_mask = mfull.defined();
   const float s = (float)scale;
   PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_masked_softmax_cuda", [&] {
     if (!has_mask) {

@@ -113,6 +113,55 @@ static void test_softmax(at::ScalarType t, int64_t n) {
   check("softmax_backward", t, n, max_err(dx, dx_ref), tol(t, 1.0 + dx_ref.abs().max().item<double>()) * 2);
 }
 
+// Attention: forward vs softmax(QK^T*scale + mask)V in double; backward vs the
+// analytic gradients in double. q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] (GQA).
+static void test_attention(at::ScalarType t, int64_t Lq, int64_t Lk, int64_t D, bool causal, bool bottom_right,
+                           bool padding, int64_t wl, int64_t wr) {
+  const int64_t B = 2, Hq = 4, Hkv = 2;
+  const auto q = at::randn({B, Hq, Lq, D}).to(t), k = at::randn({B, Hkv, Lk, D}).to(t),
+             v = at::randn({B, Hkv, Lk, D}).to(t);
+  at::Tensor keep;
+  if (padding) {
+    keep = at::ones({B, 1, 1, Lk}, at::kBool);
+    keep.select(0, 1).narrow(-1, Lk - Lk / 3, Lk / 3).fill_(false);  // right padding
+  }
+  const double scale = 1.0 / std::sqrt((double)D);
+  auto [out, lse] = emu::attention(q, k, v, keep.defined() ? std::optional<at::Tensor>(keep) : std::nullopt,
+                                   scale, causal, bottom_right, wl, wr, 0.0, 0);
+  // Reference: the same math with ATen ops, in double (the oracle) and in the test dtype
+  // (plain torch's own error, which bounds ours within a small multiple, as in the Python suite).
+  auto i = at::arange(Lq, at::kLong).unsqueeze(-1) + (bottom_right ? Lk - Lq : 0);
+  const auto j = at::arange(Lk, at::kLong);
+  auto allow = at::ones({Lq, Lk}, at::kBool);
+  if (causal) allow = allow.logical_and(j.le(i));
+  if (wl >= 0) allow = allow.logical_and(j.ge(i - wl));
+  if (wr >= 0) allow = allow.logical_and(j.le(i + wr));
+  const auto allow_full = keep.defined() ? allow.logical_and(keep) : allow.expand({B, Hq, Lq, Lk});
+  const auto dout = at::randn_like(out);
+  auto reference = [&](at::ScalarType dt) {
+    const auto qd = q.to(dt), kd = k.to(dt).repeat_interleave(Hq / Hkv, 1),
+               vd = v.to(dt).repeat_interleave(Hq / Hkv, 1), dod = dout.to(dt);
+    const auto p = softmax_ref(at::matmul(qd, kd.transpose(-2, -1)), allow_full, at::Tensor(), scale).to(dt);
+    const auto o = at::matmul(p, vd);
+    const auto dv = at::matmul(p.transpose(-2, -1), dod).view({B, Hkv, Hq / Hkv, Lk, D}).sum(2);
+    const auto dp = at::matmul(dod, vd.transpose(-2, -1));
+    const auto ds = p * (dp - (dp * p).sum(-1, true));
+    const auto dq = at::matmul(ds, kd) * scale;
+    const auto dk = (at::matmul(ds.transpose(-2, -1), qd) * scale).view({B, Hkv, Hq / Hkv, Lk, D}).sum(2);
+    return std::vector<at::Tensor>{o, dq, dk, dv};
+  };
+  auto [dq, dk, dv, dmask] = emu::attention_backward(
+      dout, q, k, v, keep.defined() ? std::optional<at::Tensor>(keep) : std::nullopt, out, lse, scale, causal,
+      bottom_right, wl, wr, 0.0, 0, false);
+  const auto want = reference(at::kDouble), plain = reference(t);
+  const char* names[] = {"attention.out", "attention.dq", "attention.dk", "attention.dv"};
+  const at::Tensor got[] = {out, dq, dk, dv};
+  for (int m = 0; m < 4; ++m) {
+    const double torch_err = max_err(plain[m], want[m]);
+    check(names[m], t, D, max_err(got[m], want[m]), 3.0 * torch_err + tol(t, 1.0));
+  }
+}
+
 int main() {
   at::manual_seed(0);
   for (auto t : {at::kFloat, at::kHalf, at::kBFloat16}) {
@@ -121,6 +170,12 @@ int main() {
       test_rms_norm(t, n > 1024 ? 3 : 9, n);
       test_softmax(t, n);
     }
+  }
+  for (auto t : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    test_attention(t, 7, 7, 16, false, false, true, -1, -1);    // padding mask
+    test_attention(t, 5, 33, 80, true, true, false, -1, -1);    // decode-like, bottom-right causal
+    test_attention(t, 33, 33, 111, true, false, false, -1, -1); // odd head dim, top-left causal
+    test_attention(t, 40, 40, 64, false, false, true, 4, 2);    // sliding window + padding
   }
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -34,6 +34,7 @@ struct RowIndexer {
 
 }  // namespace pyllm
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 namespace pyllm {
 // `t` must already be expanded to the full shape (t.expand(shape)): size-1 and
@@ -65,4 +66,28 @@ inline RowIndexer make_row_indexer(const at::Tensor& t) {
   }
   return r;
 }
+
+// Validates an optional mask (bool = keep, or additive float; `allow_double` also accepts
+// fp64) against `ref` and the broadcast target shape `full`, and returns it expanded to
+// `full` as a view (stride 0 on broadcast dims; additive masks converted to fp32 when
+// `to_float`), filling `mi`. Returns an undefined tensor when there is no mask.
+inline at::Tensor expand_mask(const std::optional<at::Tensor>& mask, const at::Tensor& ref,
+                              at::IntArrayRef full, const char* name, const char* ref_name,
+                              RowIndexer& mi, bool to_float = false, bool allow_double = false) {
+  if (!mask.has_value() || !mask->defined()) return {};
+  const auto mt = mask->scalar_type();
+  const bool ok_float = mt == at::kFloat || mt == at::kHalf || mt == at::kBFloat16 ||
+                        (allow_double && mt == at::kDouble);
+  TORCH_CHECK(mt == at::kBool || ok_float, "pyllm: ", name,
+              " must be bool (True = keep/attend) or a float additive mask, got ", mt);
+  TORCH_CHECK(mask->device() == ref.device(), "pyllm: ", name, " is on ", mask->device(), " but ",
+              ref_name, " is on ", ref.device());
+  TORCH_CHECK(mask->dim() <= (int64_t)full.size() && at::infer_size(mask->sizes(), full) == full,
+              "pyllm: ", name, " of shape ", mask->sizes(), " is not broadcastable to shape ", full);
+  at::Tensor m = (mt != at::kBool && to_float) ? mask->to(at::kFloat) : *mask;
+  m = m.expand(full);
+  mi = make_row_indexer(m);
+  return m;
+}
+
 }  // namespace pyllm

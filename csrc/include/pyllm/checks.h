@@ -38,6 +38,15 @@ inline void check_norm_param(const std::optional<at::Tensor>& p, const at::Tenso
               p->sizes());
 }
 
+// add_layer_norm's residual: same shape, dtype and device as the input.
+inline void check_residual(const at::Tensor& residual, const at::Tensor& input) {
+  PYLLM_CHECK_FLOAT(residual, "residual");
+  PYLLM_CHECK_SAME_DEVICE(residual, input, "residual", "input");
+  TORCH_CHECK(residual.sizes() == input.sizes() && residual.scalar_type() == input.scalar_type(),
+              "pyllm: residual must have the input's shape ", input.sizes(), " and dtype ",
+              input.scalar_type(), ", got ", residual.sizes(), " ", residual.scalar_type());
+}
+
 inline void check_norm_input(const at::Tensor& input) {
   PYLLM_CHECK_FLOAT(input, "input");
   TORCH_CHECK(input.dim() >= 1, "pyllm: input must have at least 1 dimension");
