@@ -113,12 +113,16 @@ def select(op: str, *tensors):
     """Returns the ops namespace to call for `op` (None: use the reference)."""
     backend = _REGISTRY[current_backend()]
     ns, reason = backend.select(op, tensors)
-    _LAST[op] = f"{op}: backend {backend.name!r} -> {reason}"
+    _LAST[op] = (backend.name, reason)  # formatted lazily by explain()
     return ns
 
 
 def explain(op: str | None = None) -> str:
     """Why the last call of `op` (or of every op) took the path it did."""
+    def line(name):
+        backend, reason = _LAST[name]
+        return f"{name}: backend {backend!r} -> {reason}"
+
     if op is not None:
-        return _LAST.get(op, f"{op}: not called yet")
-    return "\n".join(_LAST.values()) or "no pyllm op called yet"
+        return line(op) if op in _LAST else f"{op}: not called yet"
+    return "\n".join(line(name) for name in _LAST) or "no pyllm op called yet"

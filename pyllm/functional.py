@@ -92,6 +92,29 @@ def _flat_param(p, shape):
     return None if p is None or len(shape) == 1 else p.reshape(-1)
 
 
+def _run(op, grad_inputs, *args):
+    """Calls a native op; when no gradient can flow, below the autograd layer.
+
+    The ops' autograd is registered from Python (torch.library.register_autograd); going
+    through it costs ~7 us per call even under no_grad, which dominates small decode-step
+    ops. Inference mode and torch.compile already bypass or trace it.
+    """
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace is_inference_mode_enabled()
+        return op(*args)
+    if torch.is_inference_mode_enabled() or (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _broadcastable_to(shape, target) -> bool:
+    """True if `shape` broadcasts to exactly `target` (torch.broadcast_shapes is ~100 us a call)."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(tuple(shape)), reversed(tuple(target))))
+
+
 def _use_kernel(ns, *tensors) -> bool:
     return ns is not None and all(t is None or t.dtype in _KERNEL_DTYPES for t in tensors)
 
@@ -114,7 +137,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     b = bias if len(shape) == 1 else _flat_param(bias, shape)
     ns = select("layer_norm", input, weight, bias)
     if _use_kernel(ns, input, weight, bias):
-        out = ns.layer_norm(x, w, b, float(eps))[0]
+        out = _run(ns.layer_norm, (input, weight, bias), x, w, b, float(eps))[0]
     else:
         out = ref.layer_norm(x, w, b, eps)[0]
     return out.view(input.shape) if len(shape) > 1 else out
@@ -146,7 +169,7 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor,
     b = bias if len(shape) == 1 else _flat_param(bias, shape)
     ns = select("add_layer_norm", input, residual, weight, bias)
     if _use_kernel(ns, input, weight, bias):
-        out, summed = ns.add_layer_norm(x, r, w, b, float(eps))[:2]
+        out, summed = _run(ns.add_layer_norm, (input, residual, weight, bias), x, r, w, b, float(eps))[:2]
     else:
         out, summed = ref.add_layer_norm(x, r, w, b, eps)[:2]
     if len(shape) > 1:
@@ -196,7 +219,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     w = weight if len(shape) == 1 else _flat_param(weight, shape)
     ns = select("rms_norm", input, weight)
     if _use_kernel(ns, input, weight) and out_dtype in _KERNEL_DTYPES:
-        out = ns.rms_norm(x, w, float(eps), round_dtype, float(offset), out_dtype)[0]
+        out = _run(ns.rms_norm, (input, weight), x, w, float(eps), round_dtype, float(offset), out_dtype)[0]
     else:
         out = ref.rms_norm(x, w, eps, round_dtype, offset, out_dtype)[0]
     return out.view(input.shape) if len(shape) > 1 else out
@@ -225,16 +248,12 @@ def masked_softmax(input: torch.Tensor, mask: Optional[torch.Tensor] = None, sca
             raise TypeError(f"pyllm: mask must be bool (True = keep) or a floating additive mask, "
                             f"got {mask.dtype}")
         _check_same_device(mask, "mask", input)
-        try:
-            ok = torch.broadcast_shapes(mask.shape, input.shape) == input.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcastable_to(mask.shape, input.shape):
             raise ValueError(f"pyllm: mask of shape {list(mask.shape)} is not broadcastable to "
                              f"input of shape {list(input.shape)}")
     ns = select("masked_softmax", input, mask)
     if _use_kernel(ns, input, mask if (mask is not None and mask.dtype != torch.bool) else None):
-        return ns.masked_softmax(input, mask, float(scale), bool(causal))
+        return _run(ns.masked_softmax, (input, mask), input, mask, float(scale), bool(causal))
     return ref.masked_softmax(input, mask, scale, causal)
 
 
@@ -283,11 +302,7 @@ def _check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, sc
                             f"got {attn_mask.dtype}")
         _check_same_device(attn_mask, "attn_mask", query, "query")
         full = (*query.shape[:-1], key.shape[-2])
-        try:
-            ok = torch.broadcast_shapes(attn_mask.shape, full) == torch.Size(full)
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcastable_to(attn_mask.shape, full):
             raise ValueError(f"pyllm: attn_mask of shape {list(attn_mask.shape)} is not broadcastable to "
                              f"the scores' shape {list(full)} ([..., Hq, Lq, Lk])")
 
@@ -312,8 +327,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if kernel is not None and dmax > _GPU_MAX_HEAD_DIM and query.device.type != "cpu" and current_backend() == "auto":
         # The CUDA kernel keeps a row of the output in registers (head dims <= 256).
         _backends._LAST["scaled_dot_product_attention"] = (
-            f"scaled_dot_product_attention: backend 'auto' -> reference (PyTorch) because head dim {dmax} > "
-            f"{_GPU_MAX_HEAD_DIM} (CUDA kernel limit)")
+            "auto", f"reference (PyTorch) because head dim {dmax} > {_GPU_MAX_HEAD_DIM} (CUDA kernel limit)")
         kernel = None
     if kernel is not None and _use_kernel(ns, query, key, value):
         return _attention_kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale,
@@ -347,7 +361,7 @@ def _attention_kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, sc
     seed = 0
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (), device="cpu").item())
-    out = ns.attention(q, k, v, mask, scale, bool(is_causal), causal_alignment == "bottom_right", wl, wr,
+    out = _run(ns.attention, (q, k, v, mask), q, k, v, mask, scale, bool(is_causal), causal_alignment == "bottom_right", wl, wr,
                        float(dropout_p), seed)[0]
     return out.reshape(*lead, hq, lq, value.shape[-1])
 
