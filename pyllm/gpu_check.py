@@ -6,7 +6,7 @@ Stages (each one's log goes into the report; a failed stage does not stop the ne
              ``TORCH_CUDA_ARCH_LIST`` set to this GPU's compute capability, then checks
              in a fresh interpreter that ``pyllm._C`` has CUDA kernels.
 2. tests   - the op test suite with ``PYLLM_BACKEND=auto PYLLM_TEST_DEVICE=cuda
-             PYLLM_REQUIRE_EXT=1`` (tests/conftest.py decides what the device variable does).
+             PYLLM_REQUIRE_EXT=1`` (tests/test_device.py runs every op on CUDA tensors then).
 3. sanitizer - ``compute-sanitizer`` memcheck, racecheck and synccheck over a small script
              calling every pyllm CUDA op (forward and backward, odd sizes, all dtypes).
 4. bench   - ``python -m pyllm bench --device cuda`` (% of measured bandwidth / matmul rate).
@@ -214,15 +214,16 @@ def main(args) -> int:
 
     # 2. tests -------------------------------------------------------------------------
     if "tests" in stages:
-        conftest = os.path.join(ROOT, "tests", "conftest.py")
-        wired = os.path.exists(conftest) and "PYLLM_TEST_DEVICE" in open(conftest).read()
-        default_tests = [p for p in ("tests/test_ops.py",) if os.path.exists(os.path.join(ROOT, p))] \
-            + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_attention*.py")))
+        # tests/test_device.py runs every op on CUDA tensors when PYLLM_TEST_DEVICE=cuda (and fails,
+        # rather than skips, without a GPU); the other files add the CPU suite on this machine.
+        wired = os.path.exists(os.path.join(ROOT, "tests", "test_device.py"))
+        default_tests = [p for p in ("tests/test_device.py", "tests/test_ops.py", "tests/test_attention.py")
+                         if os.path.exists(os.path.join(ROOT, p))]
         tests = os.environ.get("PYLLM_GPU_CHECK_TESTS", "").split() or default_tests or ["tests"]
         tenv = dict(env, PYLLM_BACKEND="auto", PYLLM_TEST_DEVICE="cuda", PYLLM_REQUIRE_EXT="1")
         rc, out, dt = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=tenv, timeout=3600)
-        note = "" if wired else (" **Note: tests/conftest.py does not read PYLLM_TEST_DEVICE, so these tests "
-                                 "probably ran on CPU tensors only; the CUDA kernels were not tested here.**")
+        note = "" if wired else (" **Note: tests/test_device.py is missing, so these tests "
+                                 "ran on CPU tensors only; the CUDA kernels were not tested here.**")
         last = out.strip().splitlines()[-1] if out.strip() else ""
         rep.add("tests", rc == 0 and wired,
                 f"`PYLLM_BACKEND=auto PYLLM_TEST_DEVICE=cuda pytest {' '.join(tests)}` -> exit {rc} in "
