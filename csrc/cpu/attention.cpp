@@ -486,27 +486,6 @@ at::Tensor prep(const at::Tensor& t, bool to_f32) {
   return f;
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  PYLLM_CHECK_FLOAT(q, "query");
-  PYLLM_CHECK_FLOAT(k, "key");
-  PYLLM_CHECK_FLOAT(v, "value");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "pyllm: attention expects 4-D query/key/value [B, H, L, D], got ", q.sizes(), ", ",
-              k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "pyllm: query, key and value must have the same dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), ", ", v.scalar_type());
-  PYLLM_CHECK_SAME_DEVICE(k, q, "key", "query");
-  PYLLM_CHECK_SAME_DEVICE(v, q, "value", "query");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "pyllm: batch sizes differ: query ",
-              q.sizes(), ", key ", k.sizes(), ", value ", v.sizes());
-  TORCH_CHECK(k.size(3) == q.size(3), "pyllm: key head dim ", k.size(3), " must equal query head dim ",
-              q.size(3));
-  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), "pyllm: key ", k.sizes(),
-              " and value ", v.sizes(), " must agree on heads and length");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "pyllm: query heads (", q.size(1),
-              ") must be a multiple of key/value heads (", k.size(1), ")");
-}
 
 Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                bool causal, bool bottom_right, int64_t wl, int64_t wr, double dropout_p, int64_t seed) {
@@ -558,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::
                                              const at::Tensor& value, const std::optional<at::Tensor>& mask,
                                              double scale, bool causal, bool bottom_right, int64_t window_left,
                                              int64_t window_right, double dropout_p, int64_t seed) {
-  check_qkv(query, key, value);
+  check_attention_qkv(query, key, value);
   const at::Tensor q = prep(query, true), k = prep(key, false), v = prep(value, false);
   Args a = make_args(q, k, v, scale, causal, bottom_right, window_left, window_right, dropout_p, seed);
   const at::Tensor mholder = setup_mask(a, mask, query);
@@ -580,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double scale,
     bool causal, bool bottom_right, int64_t window_left, int64_t window_right, double dropout_p,
     int64_t seed, bool mask_grad) {
-  check_qkv(query, key, value);
+  check_attention_qkv(query, key, value);
   const at::Tensor q = prep(query, true), k = prep(key, false), v = prep(value, false);
   Args a = make_args(q, k, v, scale, causal, bottom_right, window_left, window_right, dropout_p, seed);
   const at::Tensor mholder = setup_mask(a, mask, query);

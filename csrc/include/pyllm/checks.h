@@ -52,4 +52,27 @@ inline void check_norm_input(const at::Tensor& input) {
   TORCH_CHECK(input.dim() >= 1, "pyllm: input must have at least 1 dimension");
 }
 
+// query/key/value of attention: [B, H, L, D], one dtype and device, GQA head counts.
+inline void check_attention_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  PYLLM_CHECK_FLOAT(q, "query");
+  PYLLM_CHECK_FLOAT(k, "key");
+  PYLLM_CHECK_FLOAT(v, "value");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "pyllm: attention expects 4-D query/key/value [B, H, L, D], got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "pyllm: query, key and value must have the same dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  PYLLM_CHECK_SAME_DEVICE(k, q, "key", "query");
+  PYLLM_CHECK_SAME_DEVICE(v, q, "value", "query");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "pyllm: batch sizes differ: query ",
+              q.sizes(), ", key ", k.sizes(), ", value ", v.sizes());
+  TORCH_CHECK(k.size(3) == q.size(3), "pyllm: key head dim ", k.size(3), " must equal query head dim ",
+              q.size(3));
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), "pyllm: key ", k.sizes(),
+              " and value ", v.sizes(), " must agree on heads and length");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "pyllm: query heads (", q.size(1),
+              ") must be a multiple of key/value heads (", k.size(1), ")");
+}
+
 }  // namespace pyllm
