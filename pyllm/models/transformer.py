@@ -169,20 +169,14 @@ class _Generation:
 
 
 # =========================================================================== decoder-only
-class DecoderOnlyTransformer(nn.Module, _Generation):
-    """GPT-style language model: embedding + positions, ``num_layers`` causal self-attention
-    blocks (:class:`DecoderLayer` without cross-attention), LM head ``fc`` -> logits ``[B, L, V]``.
-
-    ``forward(x, tgt_mask=None)``: without ``tgt_mask`` the model is causal by itself (SDPA's
-    ``is_causal``; no ``[L, L]`` mask is built) and masks padding keys when ``pad_token_id`` is
-    set. ``tie_weights=True`` shares the embedding matrix with the LM head (and scales the
-    embeddings by sqrt(d_model), as the original paper). ``norm_first=True``: pre-norm blocks and
-    a final LayerNorm (GPT-2 layout).
-    """
+class _DecoderStack(nn.Module):
+    """Embedding + positions, ``num_layers`` :class:`DecoderLayer` s, optional final norm and the
+    LM head ``fc`` (optionally tied): shared by :class:`DecoderOnlyTransformer` (self-attention
+    only) and :class:`TransformerDecoder` (with cross-attention)."""
 
     def __init__(self, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,
-                 dropout: float = 0.1, max_sequence_length: int = 512, *, pad_token_id: Optional[int] = None,
-                 norm_first: bool = False, tie_weights: bool = False):
+                 dropout: float, max_sequence_length: int, *, pad_token_id: Optional[int],
+                 norm_first: bool, tie_weights: bool, cross_attention: bool):
         super().__init__()
         _check_common(vocab_size, d_model, num_layers, num_heads, d_ff, dropout, max_sequence_length,
                       pad_token_id)
@@ -190,7 +184,7 @@ class DecoderOnlyTransformer(nn.Module, _Generation):
         self.max_sequence_length = max_sequence_length
         self.embed = _Embed(vocab_size, d_model, max_sequence_length, dropout, scale=tie_weights)
         self.layers = nn.ModuleList(
-            DecoderLayer(d_model, num_heads, d_ff, dropout, cross_attention=False, norm_first=norm_first)
+            DecoderLayer(d_model, num_heads, d_ff, dropout, cross_attention=cross_attention, norm_first=norm_first)
             for _ in range(num_layers))
         self.final_norm = LayerNorm(d_model) if norm_first else None
         self.fc = nn.Linear(d_model, vocab_size)
@@ -204,6 +198,25 @@ class DecoderOnlyTransformer(nn.Module, _Generation):
     @property
     def positional_encoding(self):
         return self.embed.positional_encoding
+
+
+class DecoderOnlyTransformer(_DecoderStack, _Generation):
+    """GPT-style language model: embedding + positions, ``num_layers`` causal self-attention
+    blocks (:class:`DecoderLayer` without cross-attention), LM head ``fc`` -> logits ``[B, L, V]``.
+
+    ``forward(x, tgt_mask=None)``: without ``tgt_mask`` the model is causal by itself (SDPA's
+    ``is_causal``; no ``[L, L]`` mask is built) and masks padding keys when ``pad_token_id`` is
+    set. ``tie_weights=True`` shares the embedding matrix with the LM head (and scales the
+    embeddings by sqrt(d_model), as the original paper). ``norm_first=True``: pre-norm blocks and
+    a final LayerNorm (GPT-2 layout).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,
+                 dropout: float = 0.1, max_sequence_length: int = 512, *, pad_token_id: Optional[int] = None,
+                 norm_first: bool = False, tie_weights: bool = False):
+        super().__init__(vocab_size, d_model, num_layers, num_heads, d_ff, dropout, max_sequence_length,
+                         pad_token_id=pad_token_id, norm_first=norm_first, tie_weights=tie_weights,
+                         cross_attention=False)
 
     def forward(self, x: torch.Tensor, tgt_mask: Optional[torch.Tensor] = None, *,
                 attention_mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
@@ -284,7 +297,7 @@ class DecoderOnlyTransformer(nn.Module, _Generation):
 
 
 # =========================================================================== encoder-decoder
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(_DecoderStack):
     """Decoder of the encoder-decoder: embedding + positions, ``num_layers`` :class:`DecoderLayer` s
     (causal self-attention, cross-attention over the encoder output ``y``), LM head ``fc``.
 
@@ -294,26 +307,9 @@ class TransformerDecoder(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,
                  dropout: float = 0.1, max_sequence_length: int = 512, *, pad_token_id: Optional[int] = None,
                  norm_first: bool = False, tie_weights: bool = False):
-        super().__init__()
-        _check_common(vocab_size, d_model, num_layers, num_heads, d_ff, dropout, max_sequence_length,
-                      pad_token_id)
-        self.vocab_size, self.d_model, self.pad_token_id = vocab_size, d_model, pad_token_id
-        self.max_sequence_length = max_sequence_length
-        self.embed = _Embed(vocab_size, d_model, max_sequence_length, dropout, scale=tie_weights)
-        self.layers = nn.ModuleList(DecoderLayer(d_model, num_heads, d_ff, dropout, norm_first=norm_first)
-                                    for _ in range(num_layers))
-        self.final_norm = LayerNorm(d_model) if norm_first else None
-        self.fc = nn.Linear(d_model, vocab_size)
-        if tie_weights:
-            self.fc.weight = self.embed.embedding.weight
-
-    @property
-    def embedding(self):
-        return self.embed.embedding
-
-    @property
-    def positional_encoding(self):
-        return self.embed.positional_encoding
+        super().__init__(vocab_size, d_model, num_layers, num_heads, d_ff, dropout, max_sequence_length,
+                         pad_token_id=pad_token_id, norm_first=norm_first, tie_weights=tie_weights,
+                         cross_attention=True)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor], tgt_mask: Optional[torch.Tensor] = None,
                 cross_mask: Optional[torch.Tensor] = None, *, attention_mask: Optional[torch.Tensor] = None,
