@@ -74,7 +74,7 @@ def emulated_sources(cu_files):
 use_cuda, why = want_cuda()
 cpu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 cu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-common = ["csrc/registration.cpp", "csrc/module.cpp"]
+common = ["csrc/module.cpp"]  # each kernel file registers its own implementations
 kernel_names = sorted({os.path.splitext(os.path.basename(p))[0] for p in cpu_sources + cu_sources} - {"rowops"})
 archs = os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else ""
 

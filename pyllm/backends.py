@@ -1,40 +1,66 @@
-"""Backend registry: which implementation runs an op.
+"""Backend registry: which implementation runs an op, decided as a value.
 
 Backends (choose with env ``PYLLM_BACKEND`` or ``with pyllm.use_backend(name):``):
 
 * ``auto`` (default) - native kernels (``torch.ops.pyllm``) when the extension is
-  loaded and the tensors' device has kernels; otherwise the PyTorch reference.
-* ``native`` - native kernels or a clear error (no silent fallback).
+  loaded, the tensors' device has kernels and the op's kernel limits (dtypes, head dims)
+  accept the call; otherwise the PyTorch reference.
+* ``native`` - native kernels or a clear error (no silent fallback, not even for fp64).
 * ``torch`` - the pure-PyTorch reference (the spec).
 * ``cuda-emulated`` - the CUDA kernel sources run on CPU tensors through the CPU
   emulation of CUDA (``torch.ops.pyllm_emu``); slow, for testing kernels without a GPU.
+  Calls outside the kernels' limits run the reference (and say so).
 
-Every decision is recorded; ``pyllm.explain()`` tells why the last call of each op
-took the path it did.
+:func:`select` returns a :class:`Decision` (path, kernel, reason); the ops act on it and
+it is recorded, so ``pyllm.explain()``, :func:`last_decision`, the bench and the tests read
+the same value.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 
 from . import _ext
 
 
+@dataclass(frozen=True)
+class Decision:
+    """Which implementation runs a call of ``op`` and why."""
+    op: str
+    backend: str                  # the backend that decided
+    path: str                     # "native-cpu", "native-cuda", "cuda-emulated" or "reference"
+    reason: str                   # why, in words (what explain() prints after "->")
+    ns: Any = field(default=None, repr=False, compare=False)  # torch.ops namespace, None for the reference
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.ns is not None
+
+    @property
+    def kernel(self) -> Optional[str]:
+        """The native op namespace that runs (``pyllm`` / ``pyllm_emu``), None for the reference."""
+        return None if self.ns is None else self.ns.name
+
+    def __str__(self) -> str:
+        return f"{self.op}: backend {self.backend!r} -> {self.reason}"
+
+
 @dataclass
 class Backend:
     name: str
     description: str
-    # (op_name, tensors) -> (ops namespace or None for the reference, reason)
+    # (op_name, tensors) -> (ops namespace or None for the reference, path, reason)
     select: Callable[[str, tuple], tuple]
+    strict: bool = False  # True: a call outside the kernels' limits raises instead of falling back
 
 
 _REGISTRY: dict[str, Backend] = {}
 _STACK: list[str] = []
-_LAST: dict[str, str] = {}
+_LAST: dict[str, Decision] = {}
 
 
 def register_backend(backend: Backend) -> None:
@@ -54,16 +80,16 @@ def _native_ns(op, tensors, strict):
     if not _ext.HAS_C:
         why = f"native extension not loaded ({_ext.C_ERROR})"
     elif devs <= {"cpu"}:
-        return torch.ops.pyllm, "native CPU kernel"
+        return torch.ops.pyllm, "native-cpu", "native CPU kernel"
     elif devs == {"cuda"} and _ext.HAS_CUDA_KERNELS:
-        return torch.ops.pyllm, "native CUDA kernel"
+        return torch.ops.pyllm, "native-cuda", "native CUDA kernel"
     elif devs == {"cuda"}:
         why = "pyllm was built without CUDA kernels (CppExtension build)"
     else:
         why = f"no pyllm kernel for device(s) {sorted(devs)}"
     if strict:
         raise RuntimeError(f"pyllm: backend 'native' cannot run {op}: {why}")
-    return None, f"reference (PyTorch) because {why}"
+    return None, "reference", f"reference (PyTorch) because {why}"
 
 
 def _emulated_ns(op, tensors):
@@ -75,15 +101,15 @@ def _emulated_ns(op, tensors):
     if not devs <= {"cpu"}:
         raise RuntimeError(
             f"pyllm: backend 'cuda-emulated' runs CUDA kernels on CPU tensors; got {sorted(devs)}")
-    return torch.ops.pyllm_emu, "CUDA kernel under the CPU emulation"
+    return torch.ops.pyllm_emu, "cuda-emulated", "CUDA kernel under the CPU emulation"
 
 
 register_backend(Backend("auto", "native kernels where available, else reference",
                          lambda op, t: _native_ns(op, t, strict=False)))
 register_backend(Backend("native", "native kernels or an error",
-                         lambda op, t: _native_ns(op, t, strict=True)))
+                         lambda op, t: _native_ns(op, t, strict=True), strict=True))
 register_backend(Backend("torch", "pure-PyTorch reference",
-                         lambda op, t: (None, "reference (PyTorch) because backend is 'torch'")))
+                         lambda op, t: (None, "reference", "reference (PyTorch) because backend is 'torch'")))
 register_backend(Backend("cuda-emulated", "CUDA kernels under CPU emulation", _emulated_ns))
 
 
@@ -109,20 +135,45 @@ def use_backend(name: str):
         _STACK.pop()
 
 
-def select(op: str, *tensors):
-    """Returns the ops namespace to call for `op` (None: use the reference)."""
+def _dname(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def select(op: str, tensors: tuple, limits=None, limit_args: tuple = (), typed: Optional[tuple] = None) -> Decision:
+    """Decides how ``op`` runs on ``tensors`` (None entries allowed) and records it.
+
+    ``limits`` (a :class:`pyllm.ops.Limits`) are the kernels' limits: tensor dtypes, and an
+    op-specific ``check(path, *limit_args) -> reason or None``; ``typed`` are the tensors whose
+    dtype must be a kernel dtype (default: all of ``tensors``). Outside them the reference
+    runs (backend ``auto``, ``cuda-emulated``) or a RuntimeError says why (``native``).
+    """
     backend = _REGISTRY[current_backend()]
-    ns, reason = backend.select(op, tensors)
-    _LAST[op] = (backend.name, reason)  # formatted lazily by explain()
-    return ns
+    ns, path, reason = backend.select(op, tensors)
+    if ns is not None and limits is not None:
+        why = None
+        bad = [t.dtype for t in (tensors if typed is None else typed)
+               if isinstance(t, torch.Tensor) and t.dtype not in limits.dtypes]
+        if bad:
+            why = (f"{_dname(bad[0])} has no kernel (kernels take "
+                   f"{', '.join(_dname(d) for d in limits.dtypes)})")
+        elif limits.check is not None:
+            why = limits.check(path, *limit_args)
+        if why is not None:
+            if backend.strict:
+                raise RuntimeError(f"pyllm: backend {backend.name!r} cannot run {op}: {why}")
+            ns, path, reason = None, "reference", f"reference (PyTorch) because {why}"
+    decision = Decision(op, backend.name, path, reason, ns)
+    _LAST[op] = decision
+    return decision
+
+
+def last_decision(op: str) -> Optional[Decision]:
+    """The decision taken by the last call of ``op`` (None if not called yet)."""
+    return _LAST.get(op)
 
 
 def explain(op: str | None = None) -> str:
     """Why the last call of `op` (or of every op) took the path it did."""
-    def line(name):
-        backend, reason = _LAST[name]
-        return f"{name}: backend {backend!r} -> {reason}"
-
     if op is not None:
-        return line(op) if op in _LAST else f"{op}: not called yet"
-    return "\n".join(line(name) for name in _LAST) or "no pyllm op called yet"
+        return str(_LAST[op]) if op in _LAST else f"{op}: not called yet"
+    return "\n".join(str(d) for d in _LAST.values()) or "no pyllm op called yet"

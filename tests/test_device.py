@@ -11,11 +11,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as TF
 
 import pyllm
-import pyllm.functional as PF
-from pyllm import _ext, reference as R
+from pyllm import _ext
 
 from helpers import assert_close_to_ref, assert_grads_close
 
@@ -46,100 +44,64 @@ def device(request):
     return torch.device(request.param)
 
 
-def _native_path(op: str, device) -> None:
-    expect = "native CUDA kernel" if device.type == "cuda" else "native CPU kernel"
-    if _ext.HAS_C:
-        assert expect in pyllm.explain(op), pyllm.explain(op)
+def _check_native_path(op: str, device) -> None:
+    d = pyllm.last_decision(op)
+    if _ext.HAS_C and pyllm.current_backend() in ("auto", "native"):
+        want = "native-cuda" if device.type == "cuda" else "native-cpu"
+        assert d.path == want, str(d)
+
+
+def _to64(t):
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return t
+    c = t.detach().cpu().double()
+    return c.requires_grad_() if t.requires_grad else c
+
+
+def _detached(t):
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return t
+    c = t.detach().clone()
+    return c.requires_grad_() if t.requires_grad else c
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+SPECS = pyllm.ops.specs()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 7, 97, 1023, 4097])
-def test_norms_on_device(device, dtype, n):
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(3, 5, n, generator=g).to(device, dtype).requires_grad_()
-    r = torch.randn(3, 5, n, generator=g).to(device, dtype)
-    w = torch.randn(n, generator=g).to(device, dtype).requires_grad_()
-    b = torch.randn(n, generator=g).to(device, dtype).requires_grad_()
-    x64, w64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, w, b))
-
-    out = PF.layer_norm(x, n, w, b)
-    _native_path("layer_norm", device)
-    ref = TF.layer_norm(x64, (n,), w64, b64)
-    base = TF.layer_norm(x.detach(), (n,), w.detach(), b.detach())
-    assert_close_to_ref(out.cpu(), ref, base.cpu(), name="layer_norm")
-    dy = torch.randn(out.shape, generator=g).to(device, dtype)
-    grads = torch.autograd.grad(out, (x, w, b), dy)
-    ref_grads = torch.autograd.grad(ref, (x64, w64, b64), dy.cpu().double())
-    xb, wb, bb = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    base_grads = torch.autograd.grad(TF.layer_norm(xb, (n,), wb, bb), (xb, wb, bb), dy)
-    assert_grads_close([t.cpu() for t in grads], ref_grads, [t.cpu() for t in base_grads],
-                       names=["dx", "dw", "db"])
-
-    y, s = PF.add_layer_norm(x.detach(), r, n, w.detach(), b.detach())
-    _native_path("add_layer_norm", device)
-    s_ref = (x.detach() + r)
-    assert torch.equal(s.cpu(), s_ref.cpu())
-    assert_close_to_ref(y.cpu(), TF.layer_norm(s_ref.cpu().double(), (n,), w64.detach(), b64.detach()),
-                        TF.layer_norm(s_ref, (n,), w.detach(), b.detach()).cpu(), name="add_layer_norm")
-
-    yr = PF.rms_norm(x.detach(), n, w.detach())
-    _native_path("rms_norm", device)
-    eps = torch.finfo(torch.float32).eps
-    assert_close_to_ref(yr.cpu(), TF.rms_norm(x64.detach(), (n,), w64.detach(), eps=eps),
-                        TF.rms_norm(x.detach(), (n,), w.detach(), eps=eps).cpu(), name="rms_norm")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_op_on_device(device, spec, dtype):
+    """Every sample of every registered op: output and gradients vs torch's composition in fp64
+    (the oracle), judged against the same composition in the test dtype (the baseline)."""
+    for sample in spec.samples(device, dtype, requires_grad=True):
+        args, kwargs = sample.args, sample.kwargs
+        out = spec.functional(*args, **kwargs)
+        _check_native_path(spec.name, device)
+        args64 = [_to64(a) for a in args]
+        ref = spec.torch_baseline(*args64, **kwargs)
+        argsb = [_detached(a) for a in args]
+        base = spec.torch_baseline(*argsb, **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        bases = base if isinstance(base, tuple) else (base,)
+        for i, (o, r, b) in enumerate(zip(outs, refs, bases)):
+            assert_close_to_ref(o.detach().cpu(), r.detach(), b.detach().cpu(), name=f"{sample.desc} out[{i}]")
+        leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        if not leaves:
+            continue
+        g = torch.Generator().manual_seed(7)
+        dy = torch.randn(_first(out).shape, generator=g).to(device, _first(out).dtype)
+        grads = torch.autograd.grad(_first(out), [args[i] for i in leaves], dy)
+        ref_grads = torch.autograd.grad(_first(ref), [args64[i] for i in leaves], dy.cpu().double())
+        base_grads = torch.autograd.grad(_first(base), [argsb[i] for i in leaves], dy)
+        assert_grads_close([t.cpu() for t in grads], ref_grads, [t.cpu() for t in base_grads],
+                           names=[f"{sample.desc} grad[{i}]" for i in leaves])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 7, 97, 1023, 4097])
-def test_masked_softmax_on_device(device, dtype, n):
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(2, 3, 5, n, generator=g).to(device, dtype)
-    keep = torch.rand(2, 1, 1, n, generator=g) > 0.3
-    keep[1] = False  # a fully masked batch row: zeros, not NaN
-    keep = keep.to(device)
-    bias = torch.randn(1, 3, 5, n, generator=g).to(device)
-    for mask, causal in ((keep, False), (bias, True), (None, True)):
-        out = PF.masked_softmax(x, mask, 0.5, causal)
-        _native_path("masked_softmax", device)
-        m64 = None if mask is None else mask.cpu() if mask.dtype == torch.bool else mask.cpu().double()
-        ref = R.masked_softmax(x.cpu().double(), m64, 0.5, causal)
-        s = x * 0.5
-        if mask is not None and mask.dtype != torch.bool:
-            s = s + mask.to(dtype)
-        if causal:
-            s = s.masked_fill(~torch.ones(5, n, dtype=torch.bool, device=device).tril(), float("-inf"))
-        if mask is not None and mask.dtype == torch.bool:
-            s = s.masked_fill(~mask, float("-inf"))
-        base = torch.softmax(s, -1).nan_to_num(0.0)
-        assert_close_to_ref(out.cpu(), ref, base.cpu(), name=f"masked_softmax causal={causal}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lq,lk,d,causal,align", [(7, 7, 64, False, "top_left"), (1, 97, 80, True, "bottom_right"),
-                                                  (33, 33, 111, True, "top_left"), (128, 256, 128, False, "top_left")])
-def test_attention_on_device(device, dtype, lq, lk, d, causal, align):
-    g = torch.Generator().manual_seed(lq * 1000 + lk)
-    q = torch.randn(2, 4, lq, d, generator=g).to(device, dtype).requires_grad_()
-    k = torch.randn(2, 2, lk, d, generator=g).to(device, dtype).requires_grad_()
-    v = torch.randn(2, 2, lk, d, generator=g).to(device, dtype).requires_grad_()
-    keep = torch.ones(2, 1, 1, lk, dtype=torch.bool)
-    keep[1, ..., lk - lk // 3:] = False
-    keep = keep.to(device)
-    out = PF.scaled_dot_product_attention(q, k, v, keep, is_causal=causal, enable_gqa=True,
-                                          causal_alignment=align)
-    _native_path("scaled_dot_product_attention", device)
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    ref = R.scaled_dot_product_attention(q64, k64, v64, keep.cpu(), is_causal=causal, enable_gqa=True,
-                                         causal_alignment=align)
-    # plain torch in the same dtype: SDPA with the equivalent explicit bool mask
-    allow = R.attention_keep(lq, lk, device, causal, align)
-    full = keep if allow is None else keep & allow
-    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    base = TF.scaled_dot_product_attention(qb, kb, vb, full, enable_gqa=True)
-    assert_close_to_ref(out.detach().cpu(), ref, base.detach().nan_to_num(0.0).cpu(), mult=3.0, name="attention")
-    dy = torch.randn(out.shape, generator=g).to(device, dtype)
-    grads = torch.autograd.grad(out, (q, k, v), dy)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dy.cpu().double())
-    base_grads = torch.autograd.grad(base, (qb, kb, vb), dy)
-    assert_grads_close([t.cpu() for t in grads], ref_grads, [t.nan_to_num(0.0).cpu() for t in base_grads],
-                       names=["dq", "dk", "dv"])
+def test_every_op_has_device_samples():
+    for spec in SPECS:
+        assert len(spec.samples("cpu", torch.float32)) >= 3, spec.name

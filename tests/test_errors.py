@@ -161,3 +161,22 @@ def test_native_ops_check_arguments(call, match):
     """Direct calls of torch.ops.pyllm.* (bypassing pyllm.functional) fail cleanly too."""
     with pytest.raises(RuntimeError, match=match):
         call(torch.ops.pyllm)
+
+
+# -------------------------------------------------------------- every registered op's bad inputs
+BAD = [pytest.param(b, id=f"{s.name}-{b.desc}") for s in pyllm.ops.specs() for b in s.bad_inputs()]
+
+
+@pytest.mark.parametrize("bad", BAD)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_registry_bad_inputs(bad, backend):
+    """Each slice's bad inputs raise the named error before any backend decision."""
+    with pyllm.use_backend(backend):
+        with pytest.raises(bad.error, match=bad.match) as info:
+            bad.call()
+    assert str(info.value).startswith("pyllm: "), info.value
+
+
+def test_every_op_has_bad_inputs():
+    for spec in pyllm.ops.specs():
+        assert len(spec.bad_inputs()) >= 3, f"{spec.name}: too few bad-input cases"

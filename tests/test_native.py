@@ -22,58 +22,48 @@ from pyllm import functional as P
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_native = pytest.mark.skipif(not _ext.HAS_C, reason=f"native extension not loaded ({_ext.C_ERROR})")
 
-OPS = ["layer_norm", "add_layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward",
-       "masked_softmax", "masked_softmax_backward"]
+NATIVE_OPS = sorted(pyllm.ops.native_ops())  # every native op of every registered slice
 
 
 def _samples(op):
-    """A couple of argument tuples per op; forward ops get requires_grad samples."""
-    g = dict(requires_grad=True)
-    n = 7
-    x32, xh = torch.randn(3, n, **g), torch.randn(2, 3, n).bfloat16().requires_grad_()
-    w, b = torch.randn(n, **g), torch.randn(n, **g)
-    if op == "layer_norm":
-        return [(x32, w, b, 1e-5), (xh, None, torch.randn(n).bfloat16(), 1e-6), (torch.randn(4, 1), None, None, 1e-5)]
-    if op == "add_layer_norm":
-        return [(x32, torch.randn(3, n, **g), w, b, 1e-5), (xh, torch.randn(2, 3, n).bfloat16(), None, None, 1e-5)]
-    if op == "layer_norm_backward":
-        x = torch.randn(3, n)
-        _, mean, rstd = torch.ops.pyllm.layer_norm(x, w.detach(), None, 1e-5)
-        return [(torch.randn(3, n), x, mean, rstd, w.detach(), None),
-                (torch.randn(3, n), x, mean, rstd, None, torch.randn(3, n))]
-    if op == "rms_norm":
-        return [(x32, w, 1e-6, None, 0.0, torch.float32),
-                (xh, torch.randn(n, **g), 1e-6, torch.bfloat16, 0.0, torch.float32),
-                (torch.randn(2, n).half().requires_grad_(), w, 1e-6, None, 1.0, torch.float16)]
-    if op == "rms_norm_backward":
-        x = torch.randn(3, n)
-        _, rstd = torch.ops.pyllm.rms_norm(x, None, 1e-6, None, 0.0, torch.float32)
-        return [(torch.randn(3, n), x, rstd, w.detach(), None, 0.0),
-                (torch.randn(3, n), x, rstd, None, torch.float16, 1.0)]
-    if op == "masked_softmax":
-        s = torch.randn(2, 2, 3, 5, **g)
-        return [(s, torch.rand(2, 1, 1, 5) < 0.7, 0.5, False),
-                (s, torch.randn(1, 2, 3, 5, **g), 1.0, True),
-                (torch.randn(4, 6).half().requires_grad_(), None, 2.0, False)]
-    if op == "masked_softmax_backward":
-        y = torch.randn(2, 3, 5).softmax(-1)
-        return [(torch.randn(2, 3, 5), y, 0.5), (torch.randn(2, 3, 5).half(), y.half(), 1.0)]
-    raise KeyError(op)
+    """The slice's argument tuples for a native op (forward ops get requires_grad samples)."""
+    return pyllm.ops.native_ops()[op].native_samples()[op]
 
 
 @needs_native
-def test_every_op_is_covered():
-    """OPS lists every op registered in the pyllm namespace (new ops must join opcheck)."""
+def test_every_registered_op_has_samples_and_is_defined():
+    """Every schema in torch.ops.pyllm comes from a slice, and every slice op has opcheck samples
+    (so no op, present or future, escapes opcheck)."""
     registered = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("pyllm::")}
-    norm_softmax = {o for o in registered if "norm" in o or "softmax" in o}
-    assert norm_softmax == set(OPS), f"registered {sorted(registered)}"
+    assert registered == set(NATIVE_OPS), f"registered {sorted(registered)} vs slices {NATIVE_OPS}"
+    for op in NATIVE_OPS:
+        assert len(_samples(op)) >= 1, f"{op}: no opcheck samples"
 
 
 @needs_native
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", NATIVE_OPS)
 def test_opcheck(op):
     for args in _samples(op):
         torch.library.opcheck(getattr(torch.ops.pyllm, op).default, args)
+
+
+@pytest.mark.emulated
+@pytest.mark.skipif(not _ext.HAS_EMU, reason=f"emulated CUDA module not built ({_ext.C_EMU_ERROR})")
+@pytest.mark.parametrize("op", NATIVE_OPS)
+def test_opcheck_emulated(op):
+    """The emulated namespace gets the same schemas, fakes and autograd from the same slices."""
+    samples = _samples(op)[:1]
+    for args in samples:
+        torch.library.opcheck(getattr(torch.ops.pyllm_emu, op).default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_registry_lists_every_public_op():
+    names = [s.name for s in pyllm.ops.specs()]
+    assert names == ["layer_norm", "add_layer_norm", "rms_norm", "masked_softmax", "scaled_dot_product_attention"]
+    for spec in pyllm.ops.specs():
+        assert getattr(P, spec.name) is spec.functional, f"pyllm.functional.{spec.name} is not the slice's"
+        assert spec.kernels and all(os.path.exists(os.path.join(ROOT, k)) for k in spec.kernels), spec.kernels
 
 
 # -------------------------------------------------------------------------- backend registry
@@ -110,6 +100,7 @@ def test_unknown_backend():
 
 def test_explain_strings():
     backends._LAST.pop("rms_norm", None)
+    assert pyllm.last_decision("rms_norm") is None
     assert pyllm.explain("rms_norm") == "rms_norm: not called yet"
     x = torch.randn(2, 8)
     with pyllm.use_backend("torch"):
@@ -126,11 +117,60 @@ def test_explain_strings():
     assert want in pyllm.explain("rms_norm")
 
 
-def test_explain_float64_still_reports_selection():
+def test_float64_decision_says_reference():
+    """fp64 has no kernel: `auto` runs the reference and says why (it once said "native CPU kernel")."""
     with pyllm.use_backend("auto"):
         out = P.layer_norm(torch.randn(2, 5, dtype=torch.float64), 5)
     assert out.dtype == torch.float64
-    assert pyllm.explain("layer_norm").startswith("layer_norm: backend 'auto'")
+    d = pyllm.last_decision("layer_norm")
+    assert (d.backend, d.path, d.uses_kernel) == ("auto", "reference", False)
+    if _ext.HAS_C:
+        assert d.reason == ("reference (PyTorch) because float64 has no kernel "
+                            "(kernels take float32, float16, bfloat16)")
+    assert pyllm.explain("layer_norm") == f"layer_norm: backend 'auto' -> {d.reason}"
+
+
+@needs_native
+@pytest.mark.parametrize("spec", pyllm.ops.specs(), ids=lambda s: s.name)
+def test_native_backend_rejects_float64(spec):
+    """The README promises `native` never falls back silently: fp64 is an error naming the dtype."""
+    sample = spec.samples("cpu", torch.float64)[0]
+    with pyllm.use_backend("native"):
+        with pytest.raises(RuntimeError, match=rf"backend 'native' cannot run {spec.name}: float64 has no kernel"):
+            spec.functional(*sample.args, **sample.kwargs)
+
+
+@needs_native
+@pytest.mark.parametrize("spec", pyllm.ops.specs(), ids=lambda s: s.name)
+def test_decisions_are_values(spec):
+    """Every op records a Decision that names the path it took; the kernel path really ran a kernel."""
+    sample = spec.samples("cpu", torch.float32)[0]
+    with pyllm.use_backend("auto"):
+        spec.functional(*sample.args, **sample.kwargs)
+    d = pyllm.last_decision(spec.name)
+    assert (d.op, d.backend, d.path, d.kernel, d.reason) == (spec.name, "auto", "native-cpu", "pyllm",
+                                                             "native CPU kernel")
+    with pyllm.use_backend("torch"):
+        spec.functional(*sample.args, **sample.kwargs)
+    d = pyllm.last_decision(spec.name)
+    assert (d.path, d.uses_kernel, d.kernel) == ("reference", False, None)
+
+
+@pytest.mark.emulated
+@pytest.mark.skipif(not _ext.HAS_EMU, reason=f"emulated CUDA module not built ({_ext.C_EMU_ERROR})")
+def test_cuda_head_dim_limit_is_a_decision():
+    """The CUDA attention kernel's head-dim limit lives once, in the slice, and is a decision."""
+    from pyllm.ops.attention import CUDA_MAX_HEAD_DIM
+
+    q = torch.randn(1, 1, 3, CUDA_MAX_HEAD_DIM + 1)
+    with pyllm.use_backend("cuda-emulated"):
+        P.scaled_dot_product_attention(q, q, q)
+    d = pyllm.last_decision("scaled_dot_product_attention")
+    assert d.path == "reference"
+    assert d.reason == f"reference (PyTorch) because head dim {CUDA_MAX_HEAD_DIM + 1} > {CUDA_MAX_HEAD_DIM} (CUDA kernel limit)"
+    with pyllm.use_backend("cuda-emulated"):
+        P.scaled_dot_product_attention(q[..., :CUDA_MAX_HEAD_DIM], q[..., :CUDA_MAX_HEAD_DIM], q[..., :CUDA_MAX_HEAD_DIM])
+    assert pyllm.last_decision("scaled_dot_product_attention").path == "cuda-emulated"
 
 
 def test_native_backend_raises_when_extension_missing(monkeypatch):
@@ -198,6 +238,17 @@ def test_import_pyllm_first_and_backend_env():
     assert "PYLLM_BACKEND='bogus' is not one of ['auto', 'native', 'torch', 'cuda-emulated']" in bad.stderr
 
 
+def test_import_pyllm_is_light():
+    """`import pyllm` does not import transformers; `import pyllm.hf` does (and registers "pyllm")."""
+    r = _run("import sys, pyllm; print('transformers' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+    r = _run("import sys, pyllm.hf, transformers; "
+             "print('transformers' in sys.modules, 'pyllm' in transformers.AttentionInterface._global_mapping)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True True"
+
+
 def test_disable_ext_env():
     r = _run("import pyllm; from pyllm import _ext; print(_ext.HAS_C, _ext.C_ERROR)", PYLLM_DISABLE_EXT="1")
     assert r.returncode == 0, r.stderr
@@ -205,7 +256,7 @@ def test_disable_ext_env():
 
 
 @needs_native
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", NATIVE_OPS)
 def test_outputs_do_not_alias(op):
     """Schemas declare fresh outputs: no two outputs may share storage (layer_norm_backward
     once returned dw and db as two views of one buffer)."""

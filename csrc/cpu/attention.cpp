@@ -15,6 +15,7 @@
 // Dropout: a counter-based hash of (seed, b, h, i, j) decides each kept element, so forward
 // and backward regenerate the same mask without storing it.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <atomic>
 #include <climits>
@@ -24,7 +25,7 @@
 #include "../include/pyllm/attention.h"
 #include "../include/pyllm/broadcast.h"
 #include "../include/pyllm/checks.h"
-#include "../ops.h"
+#include "../include/pyllm/ops/attention.h"
 #include "common.h"
 
 // BLAS sgemm as exported by libtorch's MKL/OpenBLAS (weak: absent -> at::addmm_out).
@@ -596,3 +597,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
 }
 
 }  // namespace pyllm::cpu
+
+// The CPU kernels of torch.ops.pyllm (schemas: pyllm/ops/).
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("attention", &pyllm::cpu::attention);
+  m.impl("attention_backward", &pyllm::cpu::attention_backward);
+}

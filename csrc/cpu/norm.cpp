@@ -2,9 +2,10 @@
 // fp32 accumulation for every dtype; rows in parallel; two-pass mean/variance on an
 // fp32 copy of the row (in cache), which is more accurate than one-pass Welford.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "../include/pyllm/checks.h"
-#include "../ops.h"
+#include "../include/pyllm/ops/norm.h"
 #include "common.h"
 
 namespace pyllm::cpu {
@@ -270,3 +271,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_
 }
 
 }  // namespace pyllm::cpu
+
+// The CPU kernels of torch.ops.pyllm (schemas: pyllm/ops/).
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("layer_norm", &pyllm::cpu::layer_norm);
+  m.impl("add_layer_norm", &pyllm::cpu::add_layer_norm);
+  m.impl("layer_norm_backward", &pyllm::cpu::layer_norm_backward);
+  m.impl("rms_norm", &pyllm::cpu::rms_norm);
+  m.impl("rms_norm_backward", &pyllm::cpu::rms_norm_backward);
+}

@@ -2,12 +2,13 @@
 // masks of any broadcastable shape and strides (never materialized), top-left causal
 // masking, and zeros (not NaN) for fully-masked rows. One pass over the input per row.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <limits>
 
 #include "../include/pyllm/broadcast.h"
 #include "../include/pyllm/checks.h"
-#include "../ops.h"
+#include "../include/pyllm/ops/softmax.h"
 #include "common.h"
 
 namespace pyllm::cpu {
@@ -130,3 +131,9 @@ at::Tensor masked_softmax_backward(const at::Tensor& grad_out_, const at::Tensor
 }
 
 }  // namespace pyllm::cpu
+
+// The CPU kernels of torch.ops.pyllm (schemas: pyllm/ops/).
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("masked_softmax", &pyllm::cpu::masked_softmax);
+  m.impl("masked_softmax_backward", &pyllm::cpu::masked_softmax_backward);
+}

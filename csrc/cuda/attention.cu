@@ -15,7 +15,7 @@
 #include "common.cuh"
 #include "../include/pyllm/attention.h"
 #include "../include/pyllm/broadcast.h"
-#include "../ops.h"
+#include "../include/pyllm/ops/attention.h"
 
 namespace pyllm {
 namespace PYLLM_CUDA_NS {
@@ -444,3 +444,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 }  // namespace PYLLM_CUDA_NS
 }  // namespace pyllm
+
+// torch.ops.pyllm (CUDA key) under nvcc, torch.ops.pyllm_emu (CPU key) under the emulation.
+PYLLM_CUDA_LIBRARY_IMPL(m) {
+  m.impl("attention", &pyllm::PYLLM_CUDA_NS::attention);
+  m.impl("attention_backward", &pyllm::PYLLM_CUDA_NS::attention_backward);
+}

@@ -17,6 +17,17 @@
 #define PYLLM_KERNEL_DEVICE at::kCUDA
 #endif
 
+// Each .cu file binds its entry points at its end with
+//   PYLLM_CUDA_LIBRARY_IMPL(m) { m.impl("op", &pyllm::PYLLM_CUDA_NS::op); }
+// which registers them for the CUDA key of `torch.ops.pyllm` under nvcc, and for the CPU key
+// of `torch.ops.pyllm_emu` under the emulation. The schemas are defined in pyllm/ops/.
+#include <torch/library.h>
+#if defined(PYLLM_EMULATED)
+#define PYLLM_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pyllm_emu, CPU, m)
+#else
+#define PYLLM_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pyllm, CUDA, m)
+#endif
+
 namespace pyllm {
 
 // at:: storage types -> CUDA storage types (same bits).

@@ -4,7 +4,7 @@
 // from global memory (L1/L2-resident) instead of being held in registers, so any
 // width works with one code path.
 #include "common.cuh"
-#include "../ops.h"
+#include "../include/pyllm/ops/norm.h"
 
 namespace pyllm {
 namespace PYLLM_CUDA_NS {
@@ -406,3 +406,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_
 
 }  // namespace PYLLM_CUDA_NS
 }  // namespace pyllm
+
+// torch.ops.pyllm (CUDA key) under nvcc, torch.ops.pyllm_emu (CPU key) under the emulation.
+PYLLM_CUDA_LIBRARY_IMPL(m) {
+  m.impl("layer_norm", &pyllm::PYLLM_CUDA_NS::layer_norm);
+  m.impl("add_layer_norm", &pyllm::PYLLM_CUDA_NS::add_layer_norm);
+  m.impl("layer_norm_backward", &pyllm::PYLLM_CUDA_NS::layer_norm_backward);
+  m.impl("rms_norm", &pyllm::PYLLM_CUDA_NS::rms_norm);
+  m.impl("rms_norm_backward", &pyllm::PYLLM_CUDA_NS::rms_norm_backward);
+}

@@ -4,7 +4,7 @@
 // One warp per row up to 1024 columns, one block per row beyond: no length limit.
 #include "common.cuh"
 #include "../include/pyllm/broadcast.h"
-#include "../ops.h"
+#include "../include/pyllm/ops/softmax.h"
 
 namespace pyllm {
 namespace PYLLM_CUDA_NS {
@@ -143,3 +143,9 @@ at::Tensor masked_softmax_backward(const at::Tensor& grad_out_, const at::Tensor
 
 }  // namespace PYLLM_CUDA_NS
 }  // namespace pyllm
+
+// torch.ops.pyllm (CUDA key) under nvcc, torch.ops.pyllm_emu (CPU key) under the emulation.
+PYLLM_CUDA_LIBRARY_IMPL(m) {
+  m.impl("masked_softmax", &pyllm::PYLLM_CUDA_NS::masked_softmax);
+  m.impl("masked_softmax_backward", &pyllm::PYLLM_CUDA_NS::masked_softmax_backward);
+}

@@ -6,7 +6,9 @@
 #include <cstdio>
 #include <limits>
 
-#include "ops.h"
+#include "pyllm/ops/attention.h"
+#include "pyllm/ops/norm.h"
+#include "pyllm/ops/softmax.h"
 
 namespace emu = pyllm::emu;
 
