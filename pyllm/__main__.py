@@ -1,4 +1,6 @@
-"""Command line: ``python -m pyllm {info,demo,bench,gpu-check,train-demo}``."""
+"""Command line: ``python -m pyllm {info,demo,bench,gpu-check,train-demo}``.
+
+Everything but ``info`` is tooling in :mod:`pyllm.tools`, imported only when its command runs."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +17,9 @@ def main(argv=None) -> int:
     d.add_argument("--device", default="cpu")
     d.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     b = sub.add_parser("bench", help="benchmarks vs the strongest torch baselines")
-    b.add_argument("--ops", nargs="*", default=None, help="subset of benchmarks to run")
+    b.add_argument("--ops", nargs="*", default=None,
+                   help="ops to benchmark, by op registry name (pyllm.ops.specs(), e.g. layer_norm masked_softmax; "
+                        "'attention' = scaled_dot_product_attention); default: every registered op")
     b.add_argument("--models", action="store_true", help="model-level benchmarks (Hugging Face)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke run)")
@@ -36,19 +40,19 @@ def main(argv=None) -> int:
         print(json.dumps(info, indent=2))
         return 0
     if args.cmd == "demo":
-        from .demo import main as demo_main
+        from .tools.demo import main as demo_main
 
         return demo_main(args)
     if args.cmd == "bench":
-        from .bench import main as bench_main
+        from .tools.bench import main as bench_main
 
         return bench_main(args)
     if args.cmd == "gpu-check":
-        from .gpu_check import main as gpu_main
+        from .tools.gpu_check import main as gpu_main
 
         return gpu_main(args)
     if args.cmd == "train-demo":
-        from .models.train_demo import main as train_main
+        from .tools.train_demo import main as train_main
 
         return train_main(args)
     return 1

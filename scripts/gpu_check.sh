@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-day check: builds pyllm for this GPU, runs the op tests on CUDA tensors,
 # compute-sanitizer (memcheck, racecheck, synccheck) over every CUDA op, and the GPU
-# benchmarks, and writes one markdown report. See pyllm/gpu_check.py.
+# benchmarks, and writes one markdown report. See pyllm/tools/gpu_check.py.
 #
 #   scripts/gpu_check.sh [REPORT.md]                 (default gpu_report.md)
 #   PYLLM_GPU_CHECK_STAGES=build,tests scripts/gpu_check.sh     (a subset of stages)

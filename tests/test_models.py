@@ -376,7 +376,7 @@ def _read_png_size(path):
 
 
 def test_train_demo_smoke(tmp_path, capsys):
-    from pyllm.models.train_demo import main
+    from pyllm.tools.train_demo import main
 
     assert main(types.SimpleNamespace(steps=3, out=str(tmp_path))) == 0
     res = json.loads((tmp_path / "results.json").read_text())

@@ -18,6 +18,11 @@ Method (the same on CPU and CUDA):
   once); GFLOP/s for attention uses 4*B*H*Lq*Lk*D (halved for causal).
 * Each candidate's output is compared with the first baseline's as a sanity check
   (a benchmark of a wrong result is worthless); a mismatch is flagged in the table.
+* The cases are the op registry's: each op's slice (``pyllm/ops/<op>.py``) gives its
+  ``bench_cases`` (shapes, baselines, ideal bytes and FLOPs, speed targets), in fp32 and bf16.
+  The path column is the backend decision of the case's warm-up call
+  (``pyllm.backends.last_decision``); a row whose call ran the PyTorch reference says so in
+  its note.
 
 Outputs: the table on stdout, ``--output`` (default docs/benchmarks.md; ``--quick``
 never overwrites that default, pass an explicit path) and rows appended to
@@ -33,27 +38,22 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.nn.functional as TF
 
 import pyllm
-from pyllm import functional as PF
+import pyllm.backends
+import pyllm.ops
+from pyllm.ops import BenchCase
+from pyllm.tools.timing import Clock, interleaved, paired_speedup
 
-OPS = ("layer_norm", "add_layer_norm", "masked_softmax", "rms_norm", "attention")
+DTYPES = (torch.float32, torch.bfloat16)
+ALIASES = {"attention": "scaled_dot_product_attention"}  # other names --ops accepts
 DEFAULT_OUTPUT = os.path.join("docs", "benchmarks.md")
 DEFAULT_CSV = os.path.join("benchmarks", "results.csv")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# (op, baseline name) -> minimum speedup we aim for (pyllm time / baseline time).
-TARGETS = {
-    ("layer_norm", "F.layer_norm"): 1.0,
-    ("add_layer_norm", "x + r; F.layer_norm"): 1.8,
-    ("masked_softmax", "eager scale+masked_fill+softmax"): 3.0,
-}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CSV_FIELDS = [
     "date", "machine", "device", "cores", "threads", "torch", "pyllm", "commit", "quick",
@@ -64,7 +64,7 @@ CSV_FIELDS = [
 
 # --------------------------------------------------------------------------- data
 @dataclass
-class Limits:
+class MachineLimits:
     copy_gbps: float
     copy_mib: int
     matmul_gflops: dict  # dtype name -> GFLOP/s
@@ -96,93 +96,12 @@ class Row:
         return self.speedup >= self.target
 
 
-@dataclass
-class Case:
-    op: str
-    case: str
-    shape: str
-    dtype: torch.dtype
-    candidate: Callable
-    baselines: dict  # name -> callable (first = correctness reference)
-    bytes: int
-    flops: Optional[float] = None
-    tol: float = 1e-4
-    extra: dict = field(default_factory=dict)
-
-
 def _dname(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-# --------------------------------------------------------------------------- timing
-class Clock:
-    """Times callables on one device: wall clock on CPU, CUDA events on GPU."""
-
-    def __init__(self, device: torch.device, quick: bool):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.flush = None
-        if self.cuda:
-            n = (8 if quick else 256) * 2**20 // 4
-            self.flush = torch.empty(n, dtype=torch.float32, device=device)
-        # CPU: several calls per sample when a call is short (timer resolution, overhead).
-        self.min_sample_s = 2e-4 if quick else 2e-3
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def sample(self, fn: Callable, inner: int = 1) -> float:
-        """Seconds per call, averaged over `inner` back-to-back calls."""
-        if self.cuda:
-            self.flush.zero_()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / inner
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        return (time.perf_counter() - t0) / inner
-
-    def inner_for(self, fn: Callable) -> int:
-        t = min(self.sample(fn) for _ in range(2))
-        if self.cuda and t >= 50e-6:
-            return 1
-        target = 200e-6 if self.cuda else self.min_sample_s
-        return max(1, min(1000, math.ceil(target / max(t, 1e-9))))
-
-
-def interleaved(clock: Clock, fns: dict, reps: int, budget_s: float, warmup: int = 2) -> dict:
-    """Times every callable of `fns` `reps` times, interleaving them (rotating the order
-    each repetition). Stops early (after at least 5 repetitions) when `budget_s` is spent."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    clock.sync()
-    inner = {name: clock.inner_for(fns[name]) for name in names}
-    times = {name: [] for name in names}
-    t_start = time.perf_counter()
-    for r in range(reps):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            times[name].append(clock.sample(fns[name], inner[name]))
-        if r + 1 >= 5 and time.perf_counter() - t_start > budget_s:
-            break
-    return times
-
-
-def paired_speedup(cand: list, base: list) -> float:
-    return statistics.median(b / c for b, c in zip(base, cand))
-
-
 # --------------------------------------------------------------------------- machine limits
-def measure_limits(device: torch.device, quick: bool) -> Limits:
+def measure_limits(device: torch.device, quick: bool) -> MachineLimits:
     clock = Clock(device, quick)
     reps = 3 if quick else 10
     mib = 8 if quick else 256
@@ -204,130 +123,7 @@ def measure_limits(device: torch.device, quick: bool) -> Limits:
         clock.sync()
         t = min(clock.sample(lambda: torch.mm(a, b, out=out)) for _ in range(reps))
         rates[_dname(dtype)] = 2 * mm_n**3 / t / 1e9
-    return Limits(copy_gbps, mib, rates, mm_n)
-
-
-# --------------------------------------------------------------------------- cases
-def _shapes(quick: bool) -> dict:
-    if quick:
-        return dict(ln=(64, 96), rms=(64, 128), sm=(2, 2, 16, 33),
-                    bert=(1, 2, 32, 16), gpt=(1, 2, 64, 16), decode=(1, 2, 64, 16))
-    return dict(ln=(4096, 768), rms=(4096, 4096), sm=(8, 12, 512, 512),
-                bert=(8, 12, 512, 64), gpt=(4, 12, 1024, 64), decode=(8, 12, 2048, 64))
-
-
-def _fmt_shape(s) -> str:
-    return "[" + ", ".join(str(int(v)) for v in s) + "]"
-
-
-def norm_cases(op: str, dtype: torch.dtype, device, quick: bool) -> list:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    shp = _shapes(quick)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-
-    def rand(*s):
-        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
-
-    es = torch.tensor([], dtype=dtype).element_size()
-    if op in ("layer_norm", "add_layer_norm"):
-        n, d = shp["ln"]
-        x, r, w, b = rand(n, d), rand(n, d), rand(d), rand(d)
-        if op == "layer_norm":
-            return [Case(op, "ln", _fmt_shape((n, d)), dtype,
-                         lambda: PF.layer_norm(x, (d,), w, b),
-                         {"F.layer_norm": lambda: TF.layer_norm(x, (d,), w, b)},
-                         bytes=(2 * n * d + 2 * d) * es, tol=tol)]
-
-        def eager():
-            s = x + r
-            return TF.layer_norm(s, (d,), w, b), s
-
-        return [Case(op, "residual+ln", _fmt_shape((n, d)), dtype,
-                     lambda: PF.add_layer_norm(x, r, (d,), w, b),
-                     {"x + r; F.layer_norm": eager},
-                     bytes=(4 * n * d + 2 * d) * es, tol=tol)]
-    if op == "rms_norm":
-        n, d = shp["rms"]
-        x, w = rand(n, d), rand(d)
-        return [Case(op, "rms", _fmt_shape((n, d)), dtype,
-                     lambda: PF.rms_norm(x, (d,), w, 1e-6),
-                     {"F.rms_norm": lambda: TF.rms_norm(x, (d,), w, 1e-6)},
-                     bytes=(2 * n * d + d) * es, tol=tol)]
-    raise ValueError(op)
-
-
-def _padding_mask(b: int, lk: int, device, g) -> torch.Tensor:
-    """Bool [b, 1, 1, lk] keep-mask: each sequence keeps a random prefix of >= lk/2 keys."""
-    lengths = torch.randint(max(1, lk // 2), lk + 1, (b,), generator=g)
-    keep = torch.arange(lk)[None, :] < lengths[:, None]
-    return keep[:, None, None, :].to(device)
-
-
-def softmax_cases(dtype: torch.dtype, device, quick: bool) -> list:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    b, h, lq, lk = _shapes(quick)["sm"]
-    x = torch.randn(b, h, lq, lk, generator=g).to(device=device, dtype=dtype)
-    mask = _padding_mask(b, lk, device, g)
-    scale = 0.125
-    es = x.element_size()
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    return [Case("masked_softmax", "padding mask", _fmt_shape(x.shape) + " mask " + _fmt_shape(mask.shape),
-                 dtype, lambda: PF.masked_softmax(x, mask, scale),
-                 {"eager scale+masked_fill+softmax": lambda: (x * scale).masked_fill(~mask, float("-inf")).softmax(-1),
-                  "torch.softmax (no mask, floor)": lambda: torch.softmax(x, -1)},
-                 bytes=2 * x.numel() * es + mask.numel(), tol=tol)]
-
-
-def attention_cases(dtype: torch.dtype, device, quick: bool) -> list:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    shp = _shapes(quick)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    cases = []
-
-    def qkv(b, h, lq, lk, d):
-        mk = lambda l: torch.randn(b, h, l, d, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-        return mk(lq), mk(lk), mk(lk)
-
-    def eager(q, k, v, keep=None):
-        s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-        if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
-        return s.softmax(-1) @ v
-
-    es = torch.tensor([], dtype=dtype).element_size()
-
-    # BERT-base encoder with a padding mask.
-    b, h, l, d = shp["bert"]
-    q, k, v = qkv(b, h, l, l, d)
-    mask = _padding_mask(b, l, device, g)
-    cases.append(Case(
-        "attention", "bert padding", f"B{b} H{h} L{l} D{d}", dtype,
-        lambda: PF.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-        {"F.scaled_dot_product_attention": lambda: TF.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-         "eager matmul+softmax+matmul": lambda: eager(q, k, v, mask)},
-        bytes=4 * q.numel() * es + mask.numel(), flops=4.0 * b * h * l * l * d, tol=tol))
-
-    # GPT causal self-attention.
-    b, h, l, d = shp["gpt"]
-    q2, k2, v2 = qkv(b, h, l, l, d)
-    causal = torch.ones(l, l, dtype=torch.bool, device=device).tril()
-    cases.append(Case(
-        "attention", "gpt causal", f"B{b} H{h} L{l} D{d}", dtype,
-        lambda: PF.scaled_dot_product_attention(q2, k2, v2, is_causal=True),
-        {"F.scaled_dot_product_attention": lambda: TF.scaled_dot_product_attention(q2, k2, v2, is_causal=True),
-         "eager matmul+softmax+matmul": lambda: eager(q2, k2, v2, causal)},
-        bytes=4 * q2.numel() * es, flops=4.0 * b * h * l * l * d / 2, tol=tol))
-
-    # Decoding one token against a KV cache.
-    b, h, lk, d = shp["decode"]
-    q3, k3, v3 = qkv(b, h, 1, lk, d)
-    cases.append(Case(
-        "attention", "decode q_len 1", f"B{b} H{h} Lq1 Lk{lk} D{d}", dtype,
-        lambda: PF.scaled_dot_product_attention(q3, k3, v3),
-        {"F.scaled_dot_product_attention": lambda: TF.scaled_dot_product_attention(q3, k3, v3),
-         "eager matmul+softmax+matmul": lambda: eager(q3, k3, v3)},
-        bytes=(2 * q3.numel() + 2 * k3.numel()) * es, flops=4.0 * b * h * 1 * lk * d, tol=tol))
-    return cases
+    return MachineLimits(copy_gbps, mib, rates, mm_n)
 
 
 # --------------------------------------------------------------------------- running
@@ -335,42 +131,38 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _path_of(op: str) -> str:
-    exp = pyllm.explain("scaled_dot_product_attention" if op == "attention" else op)
-    return exp.split("-> ", 1)[-1] if "-> " in exp else exp
+def resolve_ops(names) -> tuple:
+    """(specs to run, unknown names) for ``--ops`` (None: every registered op). Spec names, plus
+    the aliases of :data:`ALIASES`; registry order, each op once."""
+    specs = pyllm.ops.specs()
+    if names is None:
+        return specs, []
+    known = {s.name for s in specs}
+    wanted = [ALIASES.get(n, n) for n in names]
+    unknown = [n for n, w in zip(names, wanted) if w not in known]
+    return [s for s in specs if s.name in wanted], unknown
 
 
-def attention_is_native(device) -> tuple:
-    """(native?, why): calls pyllm's SDPA once and checks that neither the backend
-    registry nor the call itself fell back to the reference implementation."""
-    from pyllm import reference
-
-    q = torch.randn(1, 2, 8, 16, device=device)
-    calls = []
-    orig = reference.scaled_dot_product_attention
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return orig(*a, **kw)
-
-    reference.scaled_dot_product_attention = spy
-    try:
-        PF.scaled_dot_product_attention(q, q, q)
-    except NotImplementedError as e:
-        return False, f"the native attention path raised NotImplementedError ({e})"
-    finally:
-        reference.scaled_dot_product_attention = orig
-    why = pyllm.explain("scaled_dot_product_attention")
-    if calls:
-        return False, f"the reference ran ({why})"
-    if "reference" in why:
-        return False, why
-    return True, why
+def _path_and_note(spec_name: str, before) -> tuple:
+    """(path column, note) from the backend decision the warm-up call recorded."""
+    d = pyllm.backends.last_decision(spec_name)
+    if d is None or d is before:
+        return "unknown", f"no backend decision recorded for {spec_name}"
+    if d.uses_kernel:
+        return d.path, ""
+    reason = d.reason
+    for prefix in ("reference (PyTorch) because ", "reference because "):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):]
+    return d.path, f"reference ({reason})"
 
 
-def run_case(case: Case, clock: Clock, limits: Limits, reps: int, budget_s: float) -> list:
-    out_c = case.candidate()
-    path = _path_of(case.op)
+def run_case(case: BenchCase, spec_name: str, clock: Clock, limits: MachineLimits, reps: int,
+             budget_s: float) -> list:
+    """Times one case (candidate and baselines interleaved); one row per baseline."""
+    before = pyllm.backends.last_decision(spec_name)
+    out_c = case.candidate()  # the warm-up call: its backend decision is the path column
+    path, path_note = _path_and_note(spec_name, before)
     base_name = next(iter(case.baselines))
     out_b = case.baselines[base_name]()
     note = ""
@@ -380,6 +172,7 @@ def run_case(case: Case, clock: Clock, limits: Limits, reps: int, budget_s: floa
     scale = max(1.0, bb[finite].abs().max().item() if finite.any() else 1.0)
     if a.shape != bb.shape or not math.isfinite(err) or err > case.tol * scale:
         note = f"MISMATCH vs {base_name}: max abs diff {err:.3g}"
+    note = "; ".join(n for n in (path_note, note) if n)
     del out_c, out_b, a, bb
 
     fns = {"pyllm": case.candidate, **case.baselines}
@@ -392,7 +185,7 @@ def run_case(case: Case, clock: Clock, limits: Limits, reps: int, budget_s: floa
                 pyllm_us=t_c * 1e6, baseline=name, baseline_us=statistics.median(times[name]) * 1e6,
                 speedup=paired_speedup(times["pyllm"], times[name]),
                 gbps=gbps, pct_copy_bw=100 * gbps / limits.copy_gbps,
-                target=TARGETS.get((case.op, name)), note=note)
+                target=case.targets.get(name), note=note)
         if case.flops:
             r.gflops = case.flops / t_c / 1e9
             rate = limits.matmul_gflops.get(_dname(case.dtype))
@@ -492,7 +285,7 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def write_markdown(path: str, info: dict, limits: Limits, rows: list, quick: bool, notes: list,
+def write_markdown(path: str, info: dict, limits: MachineLimits, rows: list, quick: bool, notes: list,
                    models_text: Optional[str]) -> None:
     lines = ["# pyllm benchmarks", "",
              f"Generated by `python -m pyllm bench{' --device ' + info['device'] if info['device'] != 'cpu' else ''}"
@@ -560,23 +353,16 @@ def append_csv(path: str, info: dict, rows: list, quick: bool) -> None:
 
 
 def run_models(quick: bool) -> Optional[str]:
-    try:
-        import importlib
+    from pyllm.tools import hf_bench
 
-        mod = importlib.import_module("pyllm.hf.bench")
-    except ModuleNotFoundError as e:
-        if e.name in ("pyllm.hf", "pyllm.hf.bench"):
-            print("model-level benchmarks: not available (pyllm.hf.bench does not exist yet)")
-            return "Not available: `pyllm.hf.bench` does not exist in this build."
-        raise
-    print("model-level benchmarks (pyllm.hf.bench.run):")
+    print("model-level benchmarks (pyllm.tools.hf_bench.run):")
     try:
-        result = mod.run(quick)
+        result = hf_bench.run(quick)
     except Exception as e:  # keep the op results of this run; report the failure
         import traceback
 
         traceback.print_exc()
-        return f"`pyllm.hf.bench.run` FAILED: {type(e).__name__}: {e}"
+        return f"`pyllm.tools.hf_bench.run` FAILED: {type(e).__name__}: {e}"
     if isinstance(result, str):
         print(result)
         return result
@@ -599,10 +385,10 @@ def main(args) -> int:
     if device.type not in ("cpu", "cuda"):
         print(f"pyllm bench: unsupported device {device} (cpu or cuda)", file=sys.stderr)
         return 2
-    ops = list(OPS) if getattr(args, "ops", None) is None else list(args.ops)
-    unknown = [o for o in ops if o not in OPS]
+    specs, unknown = resolve_ops(getattr(args, "ops", None))
     if unknown:
-        print(f"pyllm bench: unknown op(s) {unknown}; choose from {list(OPS)}", file=sys.stderr)
+        choices = [s.name for s in pyllm.ops.specs()] + list(ALIASES)
+        print(f"pyllm bench: unknown op(s) {unknown}; choose from {choices}", file=sys.stderr)
         return 2
     if device.type == "cpu":
         # All cores, unless PYLLM_BENCH_THREADS says otherwise (e.g. on a shared machine).
@@ -631,33 +417,17 @@ def main(args) -> int:
     clock = Clock(device, quick)
     reps = 5 if quick else 30
     budget = 0.5 if quick else 20.0
-    dtypes = (torch.float32, torch.bfloat16)
     rows = []
-    for op in ops:
-        cases = []
-        if op == "attention":
-            native, why = attention_is_native(device)
-            if not native:
-                msg = f"pyllm.functional.scaled_dot_product_attention runs the reference: {why}; not timed"
-                print(f"attention: {msg}")
-                rows.append(Row("attention", "all cases", "", "", "reference", note=msg))
-                continue
-        for dtype in dtypes:
-            if op in ("layer_norm", "add_layer_norm", "rms_norm"):
-                cases += norm_cases(op, dtype, device, quick)
-            elif op == "masked_softmax":
-                cases += softmax_cases(dtype, device, quick)
-            elif op == "attention":
-                cases += attention_cases(dtype, device, quick)
-        for case in cases:
-            new = run_case(case, clock, limits, reps, budget)
-            for r in new:
-                print(f"  {r.op:15s} {r.case:15s} {r.dtype:9s} pyllm {r.pyllm_us:10.1f} us  "
-                      f"{r.baseline:34s} {r.baseline_us:10.1f} us  {r.speedup:5.2f}x  "
-                      f"{r.gbps:7.1f} GB/s {r.note}", flush=True)
-            rows += new
-            del case
-        del cases
+    for spec in specs:
+        for dtype in DTYPES:
+            for case in spec.bench_cases(dtype, device, quick):
+                new = run_case(case, spec.name, clock, limits, reps, budget)
+                for r in new:
+                    print(f"  {r.op:15s} {r.case:15s} {r.dtype:9s} {r.path:13s} pyllm {r.pyllm_us:10.1f} us  "
+                          f"{r.baseline:34s} {r.baseline_us:10.1f} us  {r.speedup:5.2f}x  "
+                          f"{r.gbps:7.1f} GB/s {r.note}", flush=True)
+                rows += new
+                del case
 
     models_text = run_models(quick) if getattr(args, "models", False) else None
 

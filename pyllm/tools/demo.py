@@ -11,7 +11,6 @@ Mistral, Qwen2, Gemma).
 from __future__ import annotations
 
 import copy
-import time
 
 SENTENCES = [
     "A man is eating food.",
@@ -68,6 +67,8 @@ def main(args) -> int:
     import pyllm.hf
     from tqdm.auto import tqdm
 
+    from pyllm.tools.timing import Clock, interleaved
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     device = torch.device(getattr(args, "device", None) or "cpu")
@@ -115,23 +116,11 @@ def main(args) -> int:
     reps = 2 if quick else 5
     pad_frac = 1.0 - tb["attention_mask"].float().mean().item()
     print(f"\nspeed: batch {bs} x {tb['input_ids'].shape[1]} tokens ({pad_frac:.0%} padding), "
-          f"{reps} timed runs each after a warm-up, {torch.get_num_threads()} threads")
-    times = {k: float("inf") for k in models}
-    bar = tqdm(total=len(models) * (reps + 1), desc="timing", unit="batch", leave=False)
-    for k, m in models.items():
-        _embed(m, tb)  # warm-up
-        bar.update(1)
-    for _ in range(reps):  # round-robin, best of `reps`: fair under a drifting machine load
-        for k, m in models.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            _embed(m, tb)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k] = min(times[k], time.perf_counter() - t0)
-            bar.update(1)
-    bar.close()
+          f"{reps} interleaved timed runs each after a warm-up (best of), {torch.get_num_threads()} threads")
+    fns = {k: (lambda m=m: _embed(m, tb)) for k, m in models.items()}
+    with tqdm(total=len(models) * (reps + 1), desc="timing", unit="batch", leave=False) as bar:
+        samples = interleaved(Clock(device, quick), fns, reps, warmup=1, inner=1, progress=bar.update)
+    times = {k: min(ts) for k, ts in samples.items()}  # best of `reps`: the least disturbed run
     print(f"  {'implementation':<16}{'sequences/s':>12}{'vs sdpa':>10}{'vs eager':>10}")
     for k, t in times.items():
         name = f"stock {k}" if k != "pyllm" else "pyllm"

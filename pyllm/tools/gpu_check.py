@@ -7,8 +7,9 @@ Stages (each one's log goes into the report; a failed stage does not stop the ne
              in a fresh interpreter that ``pyllm._C`` has CUDA kernels.
 2. tests   - the op test suite with ``PYLLM_BACKEND=auto PYLLM_TEST_DEVICE=cuda
              PYLLM_REQUIRE_EXT=1`` (tests/test_device.py runs every op on CUDA tensors then).
-3. sanitizer - ``compute-sanitizer`` memcheck, racecheck and synccheck over a small script
-             calling every pyllm CUDA op (forward and backward, odd sizes, all dtypes).
+3. sanitizer - ``compute-sanitizer`` memcheck, racecheck and synccheck over
+             ``python -m pyllm.tools.sanitize --device cuda``, which calls every registered op
+             (``pyllm.ops.specs()``) on its samples, forward and backward, in every kernel dtype.
 4. bench   - ``python -m pyllm bench --device cuda`` (% of measured bandwidth / matmul rate).
 
 Writes one markdown report (``--report``, default gpu_report.md) and exits 0 when every
@@ -25,89 +26,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = ("build", "tests", "sanitizer", "bench")
-
-# Exercises every CUDA op through the public API with the 'native' backend (an error,
-# never a silent fallback, if a CUDA kernel is missing). Small sizes: racecheck is slow.
-SANITIZER_SCRIPT = r'''
-import os
-import torch
-import pyllm
-from pyllm import functional as F, reference
-
-dev = os.environ.get("PYLLM_SANITIZE_DEVICE", "cuda")  # "cpu": lets the test suite run this script
-if dev == "cuda":
-    assert pyllm.build_info().get("with_cuda"), "pyllm._C was built without CUDA kernels"
-sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-torch.manual_seed(0)
-ran = []
-
-
-def grad_check(out, *inputs):
-    out = out[0] if isinstance(out, tuple) else out
-    if not out.requires_grad:
-        sync()
-        return
-    out.float().square().sum().backward()
-    for t in inputs:
-        if t is not None and t.requires_grad:
-            assert t.grad is not None and torch.isfinite(t.grad).all()
-
-
-with pyllm.use_backend("native"):
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for n in (1, 7, 97, 1023, 4097):
-            rows = 3
-            x = torch.randn(rows, n, device=dev, dtype=dtype, requires_grad=True)
-            r = torch.randn(rows, n, device=dev, dtype=dtype, requires_grad=True)
-            w = torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
-            b = torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
-            grad_check(F.layer_norm(x, (n,), w, b), x, w, b)
-            grad_check(F.layer_norm(x[:, : max(1, n // 2)].detach().requires_grad_(), (max(1, n // 2),)))
-            grad_check(F.add_layer_norm(x, r, (n,), w, b), x, r, w, b)
-            for style in ("torch", "llama", "t5", "gemma"):
-                x.grad = None
-                grad_check(F.rms_norm(x, (n,), w, 1e-6, style=style), x, w)
-            s = torch.randn(2, 3, 5, n, device=dev, dtype=dtype, requires_grad=True)
-            keep = torch.rand(2, 1, 1, n, device=dev) > 0.3
-            keep[0] = False  # a fully-masked row
-            add = torch.randn(1, 3, 5, n, device=dev, dtype=dtype)
-            grad_check(F.masked_softmax(s, keep, 0.5), s)
-            s.grad = None
-            grad_check(F.masked_softmax(s, add, 1.0), s)
-            s.grad = None
-            grad_check(F.masked_softmax(s, None, 1.0, causal=True), s)
-            grad_check(F.masked_softmax(s.detach().transpose(-1, -2).contiguous().transpose(-1, -2), keep, 1.0))
-        ran.append(f"norms+softmax {dtype}")
-        # Attention: only when a native kernel exists (the functional API would otherwise run
-        # the reference, which this script must not count as a CUDA kernel).
-        q = torch.randn(2, 4, 37, 64, device=dev, dtype=dtype, requires_grad=True)
-        calls = []
-        orig = reference.scaled_dot_product_attention
-        reference.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or orig(*a, **k)
-        try:
-            o = F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        except NotImplementedError as e:
-            print(f"attention: no native CUDA kernel ({e})")
-        else:
-            if calls or "reference" in pyllm.explain("scaled_dot_product_attention"):
-                print("attention: runs the reference, no native CUDA kernel to check")
-            else:
-                grad_check(o, q)
-                keep = torch.rand(2, 1, 1, 37, device=dev) > 0.3
-                F.scaled_dot_product_attention(q, q, q, attn_mask=keep)
-                kv = torch.randn(2, 4, 300, 64, device=dev, dtype=dtype)
-                F.scaled_dot_product_attention(q[:, :, :1], kv, kv)
-                ran.append(f"attention {dtype}")
-        finally:
-            reference.scaled_dot_product_attention = orig
-sync()
-print("exercised:", "; ".join(ran))
-'''
 
 
 def say(msg: str) -> None:
@@ -235,23 +157,18 @@ def main(args) -> int:
         if san is None:
             rep.add("sanitizer", None, "compute-sanitizer not found (install the CUDA toolkit's sanitizer)")
         else:
-            fd, script = tempfile.mkstemp(prefix="pyllm_sanitize_", suffix=".py")
-            with os.fdopen(fd, "w") as f:
-                f.write(SANITIZER_SCRIPT)
             rc, helptext, _ = run([san, "--help"])
             # Only instrument pyllm's kernels (torch's own kernels are not ours to judge).
             filt = ["--kernel-name", "kns=pyllm"] if "--kernel-name" in helptext else []
             ok_all, summaries, logs = True, [], []
-            try:
-                for tool in ("memcheck", "racecheck", "synccheck"):
-                    cmd = [san, "--tool", tool, "--error-exitcode", "1", "--print-limit", "50", *filt, py, script]
-                    rc, out, dt = run(cmd, env=dict(env, PYLLM_BACKEND="native"), timeout=3600)
-                    ok = rc == 0
-                    ok_all &= ok
-                    summaries.append(f"{tool}: {'clean' if ok else f'FAILED (exit {rc})'} ({dt:.0f} s)")
-                    logs.append(f"===== {tool} =====\n{tail(out, 40)}")
-            finally:
-                os.unlink(script)
+            for tool in ("memcheck", "racecheck", "synccheck"):
+                cmd = [san, "--tool", tool, "--error-exitcode", "1", "--print-limit", "50", *filt,
+                       py, "-m", "pyllm.tools.sanitize", "--device", "cuda"]
+                rc, out, dt = run(cmd, env=dict(env, PYLLM_BACKEND="native"), timeout=3600)
+                ok = rc == 0
+                ok_all &= ok
+                summaries.append(f"{tool}: {'clean' if ok else f'FAILED (exit {rc})'} ({dt:.0f} s)")
+                logs.append(f"===== {tool} =====\n{tail(out, 40)}")
             rep.add("sanitizer", ok_all, "; ".join(summaries) + f" (filter: {' '.join(filt) or 'none'})",
                     "\n".join(logs))
 
@@ -259,7 +176,7 @@ def main(args) -> int:
     if "bench" in stages:
         bench_md = os.path.splitext(report_path)[0] + "_benchmarks.md"
         bench_csv = os.path.splitext(report_path)[0] + "_benchmarks.csv"
-        rc, out, dt = run([py, "-c", "import sys, argparse, pyllm.bench as b; sys.exit(b.main(argparse.Namespace("
+        rc, out, dt = run([py, "-c", "import sys, argparse, pyllm.tools.bench as b; sys.exit(b.main(argparse.Namespace("
                            f"ops=None, models=False, device='cuda', quick=False, output={bench_md!r}, "
                            f"csv={bench_csv!r})))"], env=env, timeout=3600)
         body = ""

