@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from .ops.attention import attention_keep
 from .ops.attention import reference as scaled_dot_product_attention
+from .ops.bias_gelu import reference as bias_gelu
 from .ops.layer_norm import add_reference as add_layer_norm
 from .ops.layer_norm import reference as layer_norm
 from .ops.masked_softmax import causal_keep
 from .ops.masked_softmax import reference as masked_softmax
 from .ops.rms_norm import reference as rms_norm
 
-__all__ = ["layer_norm", "add_layer_norm", "rms_norm", "masked_softmax", "scaled_dot_product_attention",
+__all__ = ["layer_norm", "add_layer_norm", "rms_norm", "masked_softmax", "scaled_dot_product_attention", "bias_gelu",
            "causal_keep", "attention_keep"]

@@ -47,6 +47,17 @@ inline void check_residual(const at::Tensor& residual, const at::Tensor& input) 
               input.scalar_type(), ", got ", residual.sizes(), " ", residual.scalar_type());
 }
 
+// bias_gelu: input with >= 1 dim, bias [N] (N = input's last dim) on the same device.
+inline void check_bias_gelu_args(const at::Tensor& input, const std::optional<at::Tensor>& bias) {
+  PYLLM_CHECK_FLOAT(input, "input");
+  TORCH_CHECK(input.dim() >= 1, "pyllm: input must have at least 1 dimension");
+  if (!bias.has_value() || !bias->defined()) return;
+  PYLLM_CHECK_FLOAT(*bias, "bias");
+  PYLLM_CHECK_SAME_DEVICE(*bias, input, "bias", "input");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == input.size(-1), "pyllm: bias must have shape [",
+              input.size(-1), "] (input's last dim), got ", bias->sizes());
+}
+
 inline void check_norm_input(const at::Tensor& input) {
   PYLLM_CHECK_FLOAT(input, "input");
   TORCH_CHECK(input.dim() >= 1, "pyllm: input must have at least 1 dimension");
