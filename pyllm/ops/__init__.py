@@ -29,10 +29,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Sample:
-    """Arguments for one call of an op's public function: ``spec.functional(*args, **kwargs)``.
-
-    ``grad`` names the positional arguments (by index) that require grad in this sample.
-    """
+    """Arguments for one call of an op's public function: ``spec.functional(*args, **kwargs)``;
+    the tensors that should carry a gradient have ``requires_grad`` set."""
     args: tuple
     kwargs: dict = field(default_factory=dict)
     desc: str = ""
@@ -91,7 +89,6 @@ class OpSpec:
     bench_cases: Callable[..., list]  # (dtype, device, quick) -> [BenchCase]
     limits: Limits = Limits()
     kernels: tuple = ()             # the kernel source files (csrc/...), for docs and info
-    differentiable: tuple = ()      # indices of Sample.args that may carry a gradient
 
 
 _SPECS: dict[str, OpSpec] = {}

@@ -39,16 +39,17 @@ def check_number(v, name: str, allow_none: bool = False) -> None:
                         f"got {type(v).__name__}")
 
 
-def check_mask(mask, name: str, target_shape, ref_t, ref_name: str, keep_word: str) -> None:
-    """A bool (True = keep) or floating additive mask broadcastable to ``target_shape``."""
+def check_mask(mask, name: str, keep_word: str, ref_t, ref_name: str, target_shape, target_desc: str) -> None:
+    """A bool (True = ``keep_word``) or floating additive mask, on ``ref_t``'s device,
+    broadcastable to ``target_shape`` (``target_desc`` names that shape in the error)."""
     check_tensor(mask, name)
     if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
         raise TypeError(f"pyllm: {name} must be bool (True = {keep_word}) or a floating additive mask, "
                         f"got {mask.dtype}")
     check_same_device(mask, name, ref_t, ref_name)
     if not broadcastable_to(mask.shape, target_shape):
-        return False
-    return True
+        raise ValueError(f"pyllm: {name} of shape {list(mask.shape)} is not broadcastable to "
+                         f"{target_desc} {list(target_shape)}")
 
 
 def broadcastable_to(shape, target) -> bool:

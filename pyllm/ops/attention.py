@@ -14,8 +14,7 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import (FLOAT_DTYPES, broadcastable_to, check_float, check_same_device, check_tensor, empty,
-                      run)
+from ._common import check_float, check_mask, check_same_device, empty, run
 from .masked_softmax import padding_keep
 
 # The CUDA kernel (and its emulation) keeps a row of the output in registers.
@@ -139,15 +138,8 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"pyllm: scale must be a Python number or None, got {type(scale).__name__}")
     if attn_mask is not None:
-        check_tensor(attn_mask, "attn_mask")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"pyllm: attn_mask must be bool (True = attend) or a floating additive mask, "
-                            f"got {attn_mask.dtype}")
-        check_same_device(attn_mask, "attn_mask", query, "query")
-        full = (*query.shape[:-1], key.shape[-2])
-        if not broadcastable_to(attn_mask.shape, full):
-            raise ValueError(f"pyllm: attn_mask of shape {list(attn_mask.shape)} is not broadcastable to "
-                             f"the scores' shape {list(full)} ([..., Hq, Lq, Lk])")
+        check_mask(attn_mask, "attn_mask", "attend", query, "query", (*query.shape[:-1], key.shape[-2]),
+                   "the scores' shape ([..., Hq, Lq, Lk])")
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import FLOAT_DTYPES, broadcastable_to, check_float, check_same_device, check_tensor, empty, fmt_shape, run
+from ._common import check_float, check_mask, empty, fmt_shape, run
 
 LIMITS = Limits(notes="any length; bool or additive masks of any broadcast shape and strides")
 
@@ -73,14 +73,7 @@ def masked_softmax(input: torch.Tensor, mask: Optional[torch.Tensor] = None, sca
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"pyllm: scale must be a Python number, got {type(scale).__name__}")
     if mask is not None:
-        check_tensor(mask, "mask")
-        if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"pyllm: mask must be bool (True = keep) or a floating additive mask, "
-                            f"got {mask.dtype}")
-        check_same_device(mask, "mask", input)
-        if not broadcastable_to(mask.shape, input.shape):
-            raise ValueError(f"pyllm: mask of shape {list(mask.shape)} is not broadcastable to "
-                             f"input of shape {list(input.shape)}")
+        check_mask(mask, "mask", "keep", input, "input", input.shape, "input of shape")
     additive = mask if (mask is not None and mask.dtype != torch.bool) else None
     d = backends.select("masked_softmax", (input, mask), LIMITS, typed=(input, additive))
     if d.uses_kernel:
