@@ -46,9 +46,9 @@ test-python: build
 	@echo "== emulated CUDA kernels again, random schedule order"
 	PYLLM_REQUIRE_EXT=1 PYLLM_EMU_ORDER=random:1234 $(PYTEST) -m emulated tests
 	@echo "== op suite on the pure-PyTorch reference backend"
-	PYLLM_REQUIRE_EXT=1 PYLLM_BACKEND=torch $(PYTEST) tests/test_ops.py
-	@echo "== op suite with the extension absent"
-	PYLLM_DISABLE_EXT=1 $(PYTEST) -W ignore::RuntimeWarning tests/test_ops.py
+	PYLLM_REQUIRE_EXT=1 PYLLM_BACKEND=torch $(PYTEST) tests/test_ops.py tests/test_attention.py tests/test_varlen.py tests/test_device.py tests/test_errors.py
+	@echo "== op suites with the extension absent"
+	PYLLM_DISABLE_EXT=1 $(PYTEST) -W ignore::RuntimeWarning tests/test_ops.py tests/test_attention.py tests/test_varlen.py tests/test_device.py tests/test_errors.py
 
 CMAKE_BUILD := build/cmake
 test-cpp: venv

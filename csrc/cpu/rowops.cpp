@@ -325,15 +325,22 @@ PYLLM_MULTIVERSION float scale_add_max(const float* x, const float* add, float* 
   return m;
 }
 PYLLM_MULTIVERSION float exp_sub_sum(const float* x, float* y, int64_t n, float m) {
-  float acc = 0.f;
-  SIMD_SUM for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_neg(x[i] - m);
-    // x = -inf (masked) gives exactly 0
-    const float v = (x[i] == -std::numeric_limits<float>::infinity()) ? 0.f : e;
-    y[i] = v;
-    acc += v;
+  // fp32 partial sums per block, added in fp64: a plain fp32 sum of a 20000-wide row was
+  // 10x less accurate than torch's softmax (a per-row normalization bias).
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+    float acc = 0.f;
+    SIMD_SUM for (int64_t i = b0; i < b1; ++i) {
+      const float e = exp_neg(x[i] - m);
+      // x = -inf (masked) gives exactly 0
+      const float v = (x[i] == -std::numeric_limits<float>::infinity()) ? 0.f : e;
+      y[i] = v;
+      acc += v;
+    }
+    total += acc;
   }
-  return acc;
+  return (float)total;
 }
 PYLLM_MULTIVERSION void mask_fill_bool(float* s, const uint8_t* keep, int64_t n) {
   SIMD for (int64_t i = 0; i < n; ++i) s[i] = keep[i] ? s[i] : -std::numeric_limits<float>::infinity();
@@ -397,9 +404,8 @@ PYLLM_MULTIVERSION void rms_norm_backward(const float* dy, const float* x, const
 }
 PYLLM_MULTIVERSION void softmax_backward(const float* dy, const float* y, float* dx, int64_t n,
                                          float s) {
-  float acc = 0.f;
-  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += dy[i] * y[i];
-  SIMD for (int64_t i = 0; i < n; ++i) dx[i] = s * y[i] * (dy[i] - acc);
+  const float d = dot(dy, y, n);  // blocked, fp64 across blocks
+  SIMD for (int64_t i = 0; i < n; ++i) dx[i] = s * y[i] * (dy[i] - d);
 }
 
 }  // namespace pyllm::cpu::row

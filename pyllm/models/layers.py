@@ -359,32 +359,62 @@ class DecoderLayer(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Sequence classification head: pool the encoder output, then ``Linear(d_model, num_classes)``.
+    """The course's classification head: ``log_softmax(Linear(d_model, num_classes)(x))`` over the
+    last dimension.
 
-    ``pooling="first"`` (the course's choice: the first token, e.g. a [CLS] token) or ``"mean"``
-    (average over the non-padding positions given by ``mask``). Returns logits ``[B, C]``;
-    ``F.cross_entropy(logits, y)`` equals the course's ``NLLLoss`` on ``log_softmax``.
+    ``ClassifierHead(d_model, num_classes)(x)`` returns log-probabilities with ``x``'s leading
+    shape, exactly as the course writes it: per token on ``[B, L, d_model]`` -> ``[B, L, C]``,
+    or per sequence on an already pooled ``[B, d_model]`` -> ``[B, C]``. Train it with
+    ``F.nll_loss`` (the course's ``NLLLoss``; ``F.cross_entropy`` gives the same loss on
+    log-probabilities).
+
+    ``pooling`` (opt-in) pools ``[B, L, d_model]`` first and returns ``[B, C]``: ``"first"`` reads
+    the first position (a ``[CLS]`` token), ``"mean"`` averages the positions that ``mask`` marks
+    as real (bool/0-1 ``[B, L]`` or a ``[B, 1, 1, L]`` padding mask; all positions without one).
     """
 
-    def __init__(self, d_model: int, num_classes: int, pooling: str = "first"):
+    POOLINGS = (None, "first", "mean")
+
+    def __init__(self, d_model: int, num_classes: int, pooling: Optional[str] = None):
         super().__init__()
         _check_positive_int(d_model, "d_model")
         _check_positive_int(num_classes, "num_classes")
-        if pooling not in ("first", "mean"):
-            raise ValueError(f"pyllm: pooling must be 'first' or 'mean', got {pooling!r}")
-        self.pooling = pooling
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"pyllm: pooling must be None (per position, the course's head), 'first' or "
+                             f"'mean', got {pooling!r}")
+        self.d_model, self.num_classes, self.pooling = d_model, num_classes, pooling
         self.fc = nn.Linear(d_model, num_classes)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, L, d_model]`` -> ``[B, d_model]`` by ``self.pooling`` (``"first"`` or ``"mean"``)."""
         if x.dim() != 3:
-            raise ValueError(f"pyllm: ClassifierHead expects x of shape [B, L, d_model], got {list(x.shape)}")
+            raise ValueError(f"pyllm: ClassifierHead(pooling={self.pooling!r}) expects x of shape "
+                             f"[B, L, {self.d_model}], got {list(x.shape)}")
         if self.pooling == "first":
-            return self.fc(x[:, 0, :])
+            return x[:, 0, :]
         if mask is None:
-            return self.fc(x.mean(dim=1))
-        keep = mask.reshape(x.shape[0], x.shape[1]).to(x.dtype)  # [B, L], [B,1,1,L] accepted
-        pooled = (x * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
-        return self.fc(pooled)
+            return x.mean(dim=1)
+        if mask.numel() != x.shape[0] * x.shape[1]:
+            raise ValueError(f"pyllm: ClassifierHead mask must have B x L = {x.shape[0]} x {x.shape[1]} entries "
+                             f"([B, L] or [B, 1, 1, L], True = real token), got shape {list(mask.shape)}")
+        keep = mask.reshape(x.shape[0], x.shape[1]).to(x.dtype)
+        return (x * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"pyllm: ClassifierHead expects x of shape [..., {self.d_model}] "
+                             f"(e.g. [B, L, d_model] or [B, d_model]), got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if self.pooling is None:
+            if mask is not None:
+                raise ValueError("pyllm: ClassifierHead without pooling classifies every position; a mask "
+                                 "is only used with pooling='mean'")
+        else:
+            x = self.pool(x, mask)
+        return torch.nn.functional.log_softmax(self.fc(x), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_classes={self.num_classes}, pooling={self.pooling!r}"
 
 
 # --------------------------------------------------------------------------- torch interop

@@ -82,7 +82,7 @@ def train_classifier(steps: int, seed: int = 0, batch: int = 64):
     x_test, y_test = order_task(1000, seed=seed + 1)
     encoder = TransformerEncoder(len(ORDER_VOCAB), d_model=64, num_layers=2, num_heads=4, d_ff=128,
                                  dropout=0.0, max_sequence_length=x_train.shape[1], pad_token_id=ORDER_PAD)
-    head = ClassifierHead(64, 2)  # reads the [CLS] position
+    head = ClassifierHead(64, 2, pooling="first")  # log-probabilities from the [CLS] position
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1)
@@ -93,8 +93,8 @@ def train_classifier(steps: int, seed: int = 0, batch: int = 64):
     head.train()
     for _ in range(steps):
         idx = torch.randint(0, len(x_train), (batch,), generator=g)
-        logits = head(encoder(x_train[idx]))                 # padding mask from pad_token_id
-        loss = F.cross_entropy(logits, y_train[idx])
+        logp = head(encoder(x_train[idx]))                   # padding mask from pad_token_id
+        loss = F.nll_loss(logp, y_train[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
