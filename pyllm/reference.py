@@ -17,6 +17,7 @@ from .ops.layer_norm import reference as layer_norm
 from .ops.masked_softmax import causal_keep
 from .ops.masked_softmax import reference as masked_softmax
 from .ops.rms_norm import reference as rms_norm
+from .ops.varlen_attention import reference as varlen_attention
 
-__all__ = ["layer_norm", "add_layer_norm", "rms_norm", "masked_softmax", "scaled_dot_product_attention", "bias_gelu",
+__all__ = ["layer_norm", "add_layer_norm", "rms_norm", "masked_softmax", "scaled_dot_product_attention", "bias_gelu", "varlen_attention",
            "causal_keep", "attention_keep"]

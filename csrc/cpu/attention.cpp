@@ -26,6 +26,7 @@
 #include "../include/pyllm/broadcast.h"
 #include "../include/pyllm/checks.h"
 #include "../include/pyllm/ops/attention.h"
+#include "../include/pyllm/varlen.h"
 #include "common.h"
 
 // BLAS sgemm as exported by libtorch's MKL/OpenBLAS (weak: absent -> at::addmm_out).
@@ -596,10 +597,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq, dk, dv, dmask};
 }
 
+std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                    double scale, bool causal, int64_t window_left,
+                                                    int64_t window_right, double dropout_p, int64_t seed) {
+  return varlen_forward(&attention, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right,
+                        dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out, const at::Tensor& lse,
+    double scale, bool causal, int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
+  return varlen_backward(&attention_backward, grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, scale, causal,
+                         window_left, window_right, dropout_p, seed);
+}
+
 }  // namespace pyllm::cpu
 
 // The CPU kernels of torch.ops.pyllm (schemas: pyllm/ops/).
 TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
   m.impl("attention", &pyllm::cpu::attention);
   m.impl("attention_backward", &pyllm::cpu::attention_backward);
+  m.impl("varlen_attention", &pyllm::cpu::varlen_attention);
+  m.impl("varlen_attention_backward", &pyllm::cpu::varlen_attention_backward);
 }

@@ -22,7 +22,7 @@ import torch
 from .. import _ext
 
 # The registry: one module per slice, in the order the docs and the bench list them.
-SLICES = ("layer_norm", "rms_norm", "masked_softmax", "attention", "bias_gelu")
+SLICES = ("layer_norm", "rms_norm", "masked_softmax", "attention", "varlen_attention", "bias_gelu")
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -70,6 +70,10 @@ def reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     """
     acc = (lambda t: t if t.dtype == torch.float64 else t.float())
     q, k, v = acc(query), acc(key), acc(value)
+    if k.shape[-2] == 0:  # no keys: every query is fully masked
+        out = q.new_zeros((*q.shape[:-1], v.shape[-1])).to(query.dtype)
+        lse = q.new_full(q.shape[:-1], float("-inf"))
+        return (out, lse) if return_lse else out
     hq, hk = q.shape[-3], k.shape[-3]
     if hq != hk:
         k = k.repeat_interleave(hq // hk, dim=-3)

@@ -1,0 +1,337 @@
+"""Variable-length (packed, padding-free) attention with FlashAttention's varlen layout: one slice.
+
+``varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)`` takes
+B sequences packed back to back: q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, v
+``[total_k, Hkv, Dv]``; sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and
+``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k and v. No pad token is ever computed.
+
+Alignment (as FlashAttention >= 2.1): within each sequence, query ``i`` of ``Lq`` sits at key
+position ``i + Lk - Lq`` (bottom-right). ``causal=True`` lets it see keys ``j <= i + Lk - Lq``;
+``window_size=(left, right)`` keys ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (-1 =
+unbounded). With Lq = Lk (self-attention) this is the usual causal mask::
+
+    causal, Lq = 2, Lk = 5:      1 1 1 1 0
+                                 1 1 1 1 1
+
+A query that sees no key gets zeros (and lse = -inf), never NaN. GQA: Hkv divides Hq.
+
+Kernels: the dense attention kernels of csrc/cpu/attention.cpp and csrc/cuda/attention.cu run
+each sequence on a view of the packed rows (csrc/include/pyllm/varlen.h; no copies).
+``unpad_input`` / ``pad_input`` convert between a padded batch and the packed layout.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as TF
+
+from .. import backends
+from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
+from ._common import check_float, check_same_device, check_tensor, empty, run
+from .attention import CUDA_MAX_HEAD_DIM, attention_keep
+from .attention import reference as dense_reference
+
+
+def _limit_check(path, head_dim):
+    if path in ("native-cuda", "cuda-emulated") and head_dim > CUDA_MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {CUDA_MAX_HEAD_DIM} (CUDA kernel limit)"
+    return None
+
+
+LIMITS = Limits(check=_limit_check, notes=f"as attention: CPU any head dim, CUDA up to {CUDA_MAX_HEAD_DIM}")
+
+
+# --------------------------------------------------------------------------- padding helpers
+def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """Removes the pad tokens of a batch: ``hidden`` ``[B, L, ...]``, ``attention_mask`` ``[B, L]``
+    (nonzero/True = real token, any placement: left, right or holes).
+
+    Returns ``(packed [T, ...], indices [T] int64, cu_seqlens [B + 1] int32, max_seqlen int)``:
+    ``packed = hidden.flatten(0, 1)[indices]``, sequences in batch order, tokens in order."""
+    check_tensor(hidden, "hidden")
+    check_tensor(attention_mask, "attention_mask")
+    if hidden.dim() < 2 or attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"pyllm: attention_mask must have shape [batch, seqlen] = {list(hidden.shape[:2])} "
+                         f"(hidden's first two dims), got {list(attention_mask.shape)}")
+    check_same_device(attention_mask, "attention_mask", hidden, "hidden")
+    keep = attention_mask.bool()
+    seqlens = keep.sum(-1, dtype=torch.int32)
+    indices = keep.flatten().nonzero().flatten()
+    cu = torch.zeros(seqlens.numel() + 1, dtype=torch.int32, device=hidden.device)
+    cu[1:] = seqlens.cumsum(0)
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    return hidden.flatten(0, 1)[indices], indices, cu, max_seqlen
+
+
+def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """The inverse of :func:`unpad_input`: ``[T, ...]`` -> ``[batch, seqlen, ...]`` with zeros at pad positions."""
+    check_tensor(packed, "packed")
+    check_tensor(indices, "indices")
+    if indices.dim() != 1 or indices.numel() != packed.shape[0]:
+        raise ValueError(f"pyllm: indices must be 1-D with one entry per packed row ({packed.shape[0]}), "
+                         f"got shape {list(indices.shape)}")
+    out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
+    out[indices] = packed
+    return out.view(batch, seqlen, *packed.shape[1:])
+
+
+# --------------------------------------------------------------------------- reference
+def _bounds(cu):
+    v = cu.tolist()
+    return list(zip(v[:-1], v[1:]))
+
+
+def reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
+              softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False):
+    """Each sequence through the dense reference (fp32 accumulation), bottom-right aligned."""
+    outs, lses = [], []
+    window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
+    for (q0, q1), (k0, k1) in zip(_bounds(cu_seqlens_q), _bounds(cu_seqlens_k)):
+        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        o, lse = dense_reference(qs, ks, vs, None, dropout_p, causal, softmax_scale, True, "bottom_right",
+                                 window, return_lse=True)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0].transpose(0, 1))
+    out = torch.cat(outs) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
+    if return_lse:
+        lse = torch.cat(lses) if lses else q.new_empty((0, q.shape[1]), dtype=torch.float32)
+        return out, lse.float()
+    return out
+
+
+# --------------------------------------------------------------------------- public wrapper
+def _check_cu(cu, name, total, what, ref):
+    check_tensor(cu, name)
+    if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 1:
+        raise TypeError(f"pyllm: {name} must be a non-empty 1-D int32 or int64 tensor, got shape "
+                        f"{list(cu.shape)} and dtype {cu.dtype}")
+    check_same_device(cu, name, ref, "q")
+    v = cu.tolist()
+    if v[0] != 0:
+        raise ValueError(f"pyllm: {name} must start at 0, got {v[0]}")
+    lens = [b - a for a, b in zip(v[:-1], v[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"pyllm: {name} must not decrease, got {v}")
+    if v[-1] != total:
+        raise ValueError(f"pyllm: {name} must end at the number of packed tokens of {what} ({total}), got {v[-1]}")
+    return lens
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                     softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                     alibi_slopes=None, return_lse: bool = False):
+    """FlashAttention's ``flash_attn_varlen_func`` semantics (see the module docstring).
+
+    Returns ``out [total_q, Hq, Dv]``, and ``lse [total_q, Hq]`` (fp32) with ``return_lse=True``.
+    ``alibi_slopes`` is not supported yet (a clear error)."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_float(t, name)
+    for t, name in ((k, "k"), (v, "v")):
+        check_same_device(t, name, q, "q")
+        if t.dtype != q.dtype:
+            raise TypeError(f"pyllm: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"pyllm: q, k and v must be packed as [total_tokens, heads, head_dim], got shapes "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"pyllm: q and k head dims differ ({q.shape[-1]} vs {k.shape[-1]})")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"pyllm: k {list(k.shape)} and v {list(v.shape)} must agree on tokens and heads")
+    hq, hk = q.shape[1], k.shape[1]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"pyllm: q heads ({hq}) must be a multiple of k/v heads ({hk})")
+    if alibi_slopes is not None:
+        raise NotImplementedError("pyllm: alibi_slopes is not supported by varlen_attention yet")
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"pyllm: dropout_p must be in [0, 1), got {dropout_p}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) for w in window_size)):
+        raise TypeError(f"pyllm: window_size must be a (left, right) pair of ints (-1 = unbounded), got {window_size!r}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"pyllm: softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
+    if not torch.compiler.is_compiling():
+        lq = _check_cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q", q)
+        lk = _check_cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k", q)
+        if len(lq) != len(lk):
+            raise ValueError(f"pyllm: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                             f"{len(lq) + 1} and {len(lk) + 1}")
+        for lens, mx, name in ((lq, max_seqlen_q, "max_seqlen_q"), (lk, max_seqlen_k, "max_seqlen_k")):
+            if lens and mx < max(lens):
+                raise ValueError(f"pyllm: {name} ({mx}) is smaller than the longest sequence ({max(lens)})")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    wl, wr = int(window_size[0]), int(window_size[1])
+    d = backends.select("varlen_attention", (q, k, v, cu_seqlens_q, cu_seqlens_k), LIMITS,
+                        (max(q.shape[-1], v.shape[-1]),), typed=(q, k, v))
+    if d.uses_kernel:
+        seed = int(torch.randint(0, 2**62, (), device="cpu").item()) if dropout_p > 0.0 else 0
+        out, lse = run(d.ns.varlen_attention, (q, k, v), q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(causal),
+                       wl, wr, float(dropout_p), seed)
+    else:
+        out, lse = reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                             causal, (wl, wr), return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           alibi_slopes=None, return_lse=False):
+    """The plain torch baseline: ``F.scaled_dot_product_attention`` per sequence, with causality and the
+    window as an explicit bottom-right bool mask; queries that see no key set to zero."""
+    outs = []
+    for (q0, q1), (k0, k1) in zip(_bounds(cu_seqlens_q), _bounds(cu_seqlens_k)):
+        lq, lk = q1 - q0, k1 - k0
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        if lq == 0:
+            outs.append(q.new_zeros((0, q.shape[1], v.shape[2])))
+            continue
+        ones = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        keep = ones
+        left, right = window_size
+        if causal:
+            right = 0 if right < 0 else min(right, 0)
+        if right >= 0:
+            keep = keep & ones.tril(lk - lq + right)
+        if left >= 0:
+            keep = keep & ones.triu(lk - lq - left)
+        if lk == 0:
+            o = qs.new_zeros((q.shape[1], lq, v.shape[2]))
+        else:
+            o = TF.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, scale=softmax_scale,
+                                               enable_gqa=qs.shape[0] != ks.shape[0])
+            o = torch.where(keep.any(-1, keepdim=True), o, torch.zeros_like(o))
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------- fakes + autograd
+SCHEMAS = {
+    "varlen_attention": "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float scale, "
+                        "bool causal, int window_left, int window_right, float dropout_p, int seed) -> (Tensor, Tensor)",
+    "varlen_attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+                                 "Tensor cu_seqlens_k, Tensor out, Tensor lse, float scale, bool causal, "
+                                 "int window_left, int window_right, float dropout_p, int seed) "
+                                 "-> (Tensor, Tensor, Tensor)",
+}
+
+
+def _register(ns: str, lib) -> None:
+    @torch.library.register_fake(f"{ns}::varlen_attention")
+    def _(q, k, v, cu_q, cu_k, scale, causal, wl, wr, dropout_p, seed):
+        torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "varlen q/k/v must be 3-D")
+        return empty((q.shape[0], q.shape[1], v.shape[2]), q), empty((q.shape[0], q.shape[1]), q, torch.float32)
+
+    @torch.library.register_fake(f"{ns}::varlen_attention_backward")
+    def _(gout, q, k, v, cu_q, cu_k, out, lse, scale, causal, wl, wr, dropout_p, seed):
+        return empty(q.shape, q), empty(k.shape, k), empty(v.shape, v)
+
+    def setup(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, scale, causal, wl, wr, dropout_p, seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse)
+        ctx.args = (scale, causal, wl, wr, dropout_p, seed)
+
+    def backward(ctx, gout, _glse):
+        q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
+        if gout is None:
+            gout = torch.zeros_like(out)
+        dq, dk, dv = lib.varlen_attention_backward(gout, q, k, v, cu_q, cu_k, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"{ns}::varlen_attention", backward, setup_context=setup)
+
+
+# --------------------------------------------------------------------------- samples
+def _packed(lens_q, lens_k, hq, hk, d, dv, device, dtype, g, requires_grad):
+    def mk(t, h, dd):
+        return torch.randn(t, h, dd, generator=g).to(device, dtype).requires_grad_(requires_grad)
+
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    return mk(sum(lens_q), hq, d), mk(sum(lens_k), hk, d), mk(sum(lens_k), hk, dv), cu_q, cu_k
+
+
+def samples(device="cpu", dtype=torch.float32, requires_grad=False):
+    g = torch.Generator().manual_seed(6)
+    out = []
+    lens = [1, 7, 97, 33, 2]
+    q, k, v, cq, ck = _packed(lens, lens, 4, 2, 64, 64, device, dtype, g, requires_grad)
+    out.append(Sample((q, k, v, cq, ck, max(lens), max(lens)), dict(causal=True), desc="GQA causal self-attention"))
+    out.append(Sample((q, k, v, cq, ck, max(lens), max(lens)), desc="GQA, no mask"))
+    lq, lk = [1, 5, 3], [40, 5, 9]
+    q, k, v, cq, ck = _packed(lq, lk, 2, 2, 32, 16, device, dtype, g, requires_grad)
+    out.append(Sample((q, k, v, cq, ck, 5, 40), dict(causal=True, window_size=(6, 0)),
+                      desc="decode-like Lq < Lk, causal + window, Dv != D"))
+    return out
+
+
+def native_samples():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, cq, ck = _packed([3, 1, 4], [3, 1, 4], 2, 1, 8, 8, "cpu", torch.float32, g, True)
+    out, lse = torch.ops.pyllm.varlen_attention(q.detach(), k.detach(), v.detach(), cq, ck, 0.35, True, -1, -1, 0.0, 0)
+    return {
+        "varlen_attention": [(q, k, v, cq, ck, 0.35, True, -1, -1, 0.0, 0),
+                             (q, k, v, cq.long(), ck.long(), 0.35, False, 1, 1, 0.0, 0)],
+        "varlen_attention_backward": [(torch.randn(out.shape), q.detach(), k.detach(), v.detach(), cq, ck, out, lse,
+                                       0.35, True, -1, -1, 0.0, 0)],
+    }
+
+
+def bad_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, cq, ck = _packed([3, 2], [3, 2], 2, 2, 8, 8, "cpu", torch.float32, g, False)
+    f = varlen_attention
+    return [
+        BadInput(lambda: f(q, k, v, cq.float(), ck, 3, 3), TypeError, "cu_seqlens_q must be a non-empty 1-D int32 or int64",
+                 "cu_seqlens dtype"),
+        BadInput(lambda: f(q, k, v, cq.view(1, -1), ck, 3, 3), TypeError, "cu_seqlens_q must be a non-empty 1-D",
+                 "cu_seqlens rank"),
+        BadInput(lambda: f(q, k, v, cq + 1, ck, 3, 3), ValueError, "cu_seqlens_q must start at 0", "start"),
+        BadInput(lambda: f(q, k, v, torch.tensor([0, 4, 3, 5], dtype=torch.int32), ck, 3, 3), ValueError,
+                 "cu_seqlens_q must not decrease", "decreasing"),
+        BadInput(lambda: f(q, k, v, torch.tensor([0, 3, 4], dtype=torch.int32), ck, 3, 3), ValueError,
+                 r"cu_seqlens_q must end at the number of packed tokens of q \(5\), got 4", "last entry"),
+        BadInput(lambda: f(q, k, v, cq, ck, 2, 3), ValueError, r"max_seqlen_q \(2\) is smaller than the longest "
+                 r"sequence \(3\)", "max_seqlen"),
+        BadInput(lambda: f(q, k[:, :1].repeat(1, 3, 1)[:, :3], v[:, :1].repeat(1, 3, 1)[:, :3], cq, ck, 3, 3),
+                 ValueError, r"q heads \(2\) must be a multiple of k/v heads \(3\)", "heads"),
+        BadInput(lambda: f(q, k, v, cq, ck.to("meta"), 3, 3), ValueError, "cu_seqlens_k is on meta but q is on cpu",
+                 "devices"),
+        BadInput(lambda: f(q.unsqueeze(0), k, v, cq, ck, 3, 3), ValueError, r"packed as \[total_tokens, heads, head_dim\]",
+                 "rank"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, alibi_slopes=torch.ones(2)), NotImplementedError,
+                 "alibi_slopes is not supported", "alibi"),
+    ]
+
+
+def bench_cases(dtype, device, quick):
+    """Mixed-length batch (MiniLM-like heads): packed varlen vs SDPA on the padded batch."""
+    g = torch.Generator().manual_seed(0)
+    b, h, d, lmax = (4, 2, 16, 32) if quick else (32, 12, 32, 128)
+    lens = torch.randint(lmax // 4, lmax + 1, (b,), generator=g)
+    lens[0] = lmax
+    q, k, v, cq, ck = _packed(lens.tolist(), lens.tolist(), h, h, d, d, device, dtype, g, False)
+    keep = torch.arange(lmax)[None, :] < lens[:, None]
+    idx = keep.flatten().nonzero().flatten()
+
+    def padded(t):
+        return pad_input(t, idx, b, lmax).transpose(1, 2)
+
+    qp, kp, vp = padded(q), padded(k), padded(v)
+    mask = keep[:, None, None, :].to(device)
+    es = q.element_size()
+    return [BenchCase("varlen_attention", "mixed lengths (packed vs padded)", f"B{b} H{h} Lmax{lmax} D{d}", dtype,
+                      lambda: varlen_attention(q, k, v, cq, ck, lmax, lmax),
+                      {"F.sdpa on the padded batch": lambda: TF.scaled_dot_product_attention(
+                          qp, kp, vp, attn_mask=mask).transpose(1, 2).flatten(0, 1)[idx]},
+                      bytes=4 * q.numel() * es, flops=4.0 * h * d * float((lens.double() ** 2).sum()),
+                      tol=1e-4 if dtype == torch.float32 else 5e-2)]
+
+
+register(OpSpec(
+    name="varlen_attention", functional=varlen_attention, reference=reference,
+    torch_baseline=torch_varlen_attention, schemas=SCHEMAS, register=_register, native_samples=native_samples,
+    samples=samples, bad_inputs=bad_inputs, bench_cases=bench_cases, limits=LIMITS,
+    kernels=("csrc/cpu/attention.cpp", "csrc/cuda/attention.cu", "csrc/include/pyllm/varlen.h")))
