@@ -53,6 +53,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q_len, kv_len = query.shape[2], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None and query.shape[0] == 1 and attention_mask is None and position_bias is None:
+        # Packed sequences (transformers' padding-free kwargs, set by pyllm.hf's padding-free
+        # encoders or a flattening data collator): attention per sequence, no pad token, no mask.
+        cu_k = kwargs.get("cu_seq_lens_k", cu_q)
+        max_q = kwargs.get("max_length_q") or int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = kwargs.get("max_length_k") or int((cu_k[1:] - cu_k[:-1]).max())
+        out = F.varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                 cu_q, cu_k, max_q, max_k, float(dropout) if module.training else 0.0,
+                                 softmax_scale=scaling, causal=bool(is_causal))
+        return out.unsqueeze(0), None
     # As the stock "sdpa" path: the mask function returns None only when causality alone (top-left
     # aligned: equal lengths, or a prefill into an empty static cache) or nothing at all describes
     # the mask; a single query token (decoding) sees every cached key.

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import norms as _norms
+from . import padfree as _padfree
 from .attention import NAME
 
 _STATE = "_pyllm_hf_state"
@@ -21,6 +22,7 @@ class OptimizeReport:
     attention_skipped: dict = field(default_factory=dict)   # model class -> reason
     norms: Counter = field(default_factory=Counter)         # "Original -> pyllm.nn.X(style)" -> count
     skipped: Counter = field(default_factory=Counter)       # "ClassName: reason" -> count
+    padding_free: list = field(default_factory=list)        # base models that run without pad tokens
 
     @property
     def complete(self) -> bool:
@@ -35,6 +37,9 @@ class OptimizeReport:
             lines.append(f"  {v} x {k}")
         for k, v in sorted(self.skipped.items()):
             lines.append(f"  left unchanged: {v} x {k}")
+        if self.padding_free:
+            lines.append(f"  padding-free (pad tokens removed once, attention per sequence): "
+                         f"{', '.join(self.padding_free)}")
         return "\n".join(lines)
 
 
@@ -60,7 +65,7 @@ def is_optimized(model: torch.nn.Module) -> bool:
 
 
 def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
-             warn: bool = True) -> OptimizeReport:
+             padding_free: bool = True, warn: bool = True) -> OptimizeReport:
     """Run an already built transformers model on pyllm, in place.
 
     * attention: ``model.set_attn_implementation("pyllm")`` (transformers' own switch, which also
@@ -70,6 +75,10 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
       ``pyllm.nn.RMSNorm`` (same object, class switched); Hugging Face RMSNorm modules that compute
       exactly the Llama, T5 or Gemma program are replaced by ``pyllm.nn.RMSNorm(style=...)`` holding
       the very same ``weight`` Parameter. Anything else named like a norm is reported.
+    * padding-free (``padding_free=True``, with pyllm attention): the encoders of BERT, RoBERTa,
+      XLM-RoBERTa, ELECTRA and CamemBERT models remove the pad tokens of a padded batch once and run
+      every layer on the real tokens only (:mod:`pyllm.hf.padfree`); their ``last_hidden_state``
+      holds zeros at pad positions.
 
     Outputs match the stock model to floating-point rounding. Returns an :class:`OptimizeReport`
     (also kept on the model); warns about anything left unchanged unless ``warn=False``.
@@ -135,6 +144,12 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
                     report.norms[f"{type(child).__name__} -> pyllm.nn.RMSNorm(style={rep.style!r})"] += 1
                 else:
                     report.skipped[f"{type(child).__name__}: {p[1]}"] += 1
+    state["padfree"] = []
+    if padding_free and attention and report.attention:
+        for m in model.modules():
+            if _padfree.enable(m):
+                state["padfree"].append(m)
+                report.padding_free.append(type(m).__name__)
     object.__setattr__(model, _STATE, state)
     if warn and not report.complete:
         warnings.warn(f"pyllm.hf.optimize left parts of {type(model).__name__} on stock PyTorch "
@@ -148,6 +163,8 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError("pyllm: revert(model) needs a model switched by pyllm.hf.optimize(model)")
+    for m in state.get("padfree", []):
+        _padfree.disable(m)
     for parent, cname, original, rep in reversed(state["children"]):
         if rep.weight is not original.weight:  # parameters replaced meanwhile (e.g. load with assign=True)
             original.weight = rep.weight

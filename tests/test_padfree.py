@@ -1,0 +1,133 @@
+"""Padding-free encoders (pyllm.hf.padfree through pyllm.hf.optimize): outputs on real tokens vs the
+stock model in fp64 (the oracle) judged against stock sdpa in the same dtype; zeros at pads; the
+report says what runs padding-free; revert restores the stock forward."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import pyllm  # noqa: E402
+import pyllm.hf  # noqa: E402
+from pyllm.hf import padfree  # noqa: E402
+from pyllm.hf.testing import tiny_config, tiny_model  # noqa: E402
+
+from helpers import assert_close_to_ref, assert_grads_close  # noqa: E402
+
+T = transformers
+ENCODERS = {
+    "bert": lambda: tiny_model("bert", "eager"),
+    "roberta": lambda: tiny_model("roberta", "eager"),
+    "xlm-roberta": lambda: _from_cfg(T.XLMRobertaModel, T.XLMRobertaConfig(**tiny_config("roberta").to_dict())),
+    "electra": lambda: _from_cfg(T.ElectraModel, T.ElectraConfig(
+        vocab_size=512, embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.1)),
+    "bert-classifier": lambda: _from_cfg(T.BertForSequenceClassification, tiny_config("bert", num_labels=3)),
+}
+
+
+def _from_cfg(cls, cfg):
+    torch.manual_seed(0)
+    cfg._attn_implementation = "eager"
+    return cls(cfg).eval()
+
+
+_cache = {}
+
+
+def stock(name):
+    if name not in _cache:
+        _cache[name] = ENCODERS[name]()
+    return copy.deepcopy(_cache[name])
+
+
+def batch(model, layout, b=4, length=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 500, (b, length), generator=g)
+    am = torch.ones(b, length, dtype=torch.long)
+    lens = {"right": [11, 1, 6, 9], "left": [11, 1, 6, 9], "none": [11] * 4, "single": [5]}[layout][:b]
+    for i, n in enumerate(lens):
+        if layout == "left":
+            am[i, : length - n] = 0
+        else:
+            am[i, n:] = 0
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    return ids.masked_fill(am == 0, pad), am
+
+
+def _first(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "none", "single"])
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_padding_free_matches_stock(name, layout):
+    m = stock(name)
+    rep = pyllm.hf.optimize(m)
+    assert padfree.is_enabled(m.base_model) and type(m.base_model).__name__ in rep.padding_free, str(rep)
+    assert "padding-free" in str(rep)
+    b = 1 if layout == "single" else 4
+    ids, am = batch(m, layout, b=b)
+    oracle, base = stock(name).double(), stock(name)
+    oracle.set_attn_implementation("sdpa")
+    base.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ours, ref, bas = m(input_ids=ids, attention_mask=am), oracle(input_ids=ids, attention_mask=am), \
+            base(input_ids=ids, attention_mask=am)
+    if hasattr(ours, "logits"):  # task head: stock shapes and values
+        assert_close_to_ref(ours.logits, ref.logits, bas.logits, name=f"{name} logits")
+    else:
+        keep = am.bool()
+        assert ours.last_hidden_state.shape == bas.last_hidden_state.shape
+        assert_close_to_ref(ours.last_hidden_state[keep], ref.last_hidden_state[keep], bas.last_hidden_state[keep],
+                            name=f"{name} {layout} last_hidden_state")
+        padfree_ran = layout in ("right", "none", "single") or getattr(m, "pooler", None) is None
+        if padfree_ran and not keep.all():
+            assert torch.equal(ours.last_hidden_state[~keep], torch.zeros_like(ours.last_hidden_state[~keep]))
+        if getattr(ours, "pooler_output", None) is not None:
+            assert_close_to_ref(ours.pooler_output, ref.pooler_output, bas.pooler_output, name=f"{name} pooler")
+    pyllm.hf.revert(m)
+    assert not padfree.is_enabled(m.base_model) and "forward" not in m.base_model.__dict__
+
+
+def test_padding_free_runs_varlen_on_real_tokens_only(monkeypatch):
+    m = stock("bert")
+    pyllm.hf.optimize(m)
+    ids, am = batch(m, "right")
+    seen = []
+    orig = pyllm.functional.varlen_attention
+
+    def spy(q, *a, **kw):
+        seen.append(q.shape[0])
+        return orig(q, *a, **kw)
+
+    monkeypatch.setattr(pyllm.functional, "varlen_attention", spy)
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=am)
+    assert seen == [int(am.sum())] * m.config.num_hidden_layers  # every layer, real tokens only
+
+
+def test_padding_free_gradients_match_stock():
+    """Training through the packed path: every parameter's gradient vs the stock model in fp64."""
+    m, ref, base = stock("bert"), stock("bert").double(), stock("bert")
+    pyllm.hf.optimize(m)
+    ref.set_attn_implementation("sdpa")
+    base.set_attn_implementation("sdpa")
+    ids, am = batch(m, "right")
+    keep = am.bool()
+    grads = []
+    for model in (m, ref, base):
+        model.train()
+        loss = model(input_ids=ids, attention_mask=am).last_hidden_state[keep].square().sum()
+        names = [n for n, p in model.named_parameters()]
+        grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    assert_grads_close(grads[0], grads[1], grads[2], names=names)
+
+
+def test_padding_free_can_be_turned_off():
+    m = stock("bert")
+    rep = pyllm.hf.optimize(m, padding_free=False)
+    assert rep.padding_free == [] and not padfree.is_enabled(m)
