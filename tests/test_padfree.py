@@ -25,6 +25,7 @@ ENCODERS = {
     "electra": lambda: _from_cfg(T.ElectraModel, T.ElectraConfig(
         vocab_size=512, embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.1)),
+    "distilbert": lambda: tiny_model("distilbert", "eager"),
     "bert-classifier": lambda: _from_cfg(T.BertForSequenceClassification, tiny_config("bert", num_labels=3)),
 }
 

@@ -76,7 +76,7 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
       exactly the Llama, T5 or Gemma program are replaced by ``pyllm.nn.RMSNorm(style=...)`` holding
       the very same ``weight`` Parameter. Anything else named like a norm is reported.
     * padding-free (``padding_free=True``, with pyllm attention): the encoders of BERT, RoBERTa,
-      XLM-RoBERTa, ELECTRA and CamemBERT models remove the pad tokens of a padded batch once and run
+      XLM-RoBERTa, ELECTRA, CamemBERT and DistilBERT models remove the pad tokens of a padded batch once and run
       every layer on the real tokens only (:mod:`pyllm.hf.padfree`); their ``last_hidden_state``
       holds zeros at pad positions.
 

@@ -1,4 +1,5 @@
-"""Padding-free execution of Hugging Face encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA).
+"""Padding-free execution of Hugging Face encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT,
+DistilBERT).
 
 A padded batch ``[B, L]`` is packed once, at the start, into one sequence of the ``T`` real
 tokens ``[1, T]`` (:func:`pyllm.functional.unpad_input`); every layer (embeddings, linear
@@ -19,6 +20,7 @@ The wrapper is an instance-level ``forward`` on the base model; :func:`disable` 
 """
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
@@ -26,7 +28,8 @@ import torch
 from .. import functional as PF
 
 _ORIG = "_pyllm_padfree_forward"
-SUPPORTED = ("BertModel", "RobertaModel", "XLMRobertaModel", "ElectraModel", "CamembertModel")
+SUPPORTED = ("BertModel", "RobertaModel", "XLMRobertaModel", "ElectraModel", "CamembertModel", "DistilBertModel")
+_TOKEN_TYPES = "_pyllm_padfree_token_types"
 
 
 def supports(module: torch.nn.Module) -> bool:
@@ -44,6 +47,13 @@ def _position_ids(model, input_ids, keep, seqlen):
     return torch.arange(seqlen, device=keep.device).expand(keep.shape)
 
 
+def _stock(self, orig, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs):
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    return orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                inputs_embeds=inputs_embeds, **kwargs)
+
+
 def _padfree_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                      inputs_embeds=None, **kwargs):
     orig = getattr(self, _ORIG)
@@ -52,19 +62,18 @@ def _padfree_forward(self, input_ids=None, attention_mask=None, token_type_ids=N
                                                "output_attentions", "output_hidden_states",
                                                "cu_seq_lens_q"))
     if not plain or unsupported or kwargs.get("return_dict") is False:
-        return orig(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                    position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return _stock(self, orig, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs)
     ref = input_ids if input_ids is not None else inputs_embeds
     b, seqlen = ref.shape[0], ref.shape[1]
     keep = attention_mask.bool()
     if getattr(self, "pooler", None) is not None and not bool(keep[:, 0].all()):
         # The pooler reads position 0; where that is a pad (left padding) the stock model pools a
         # pad position's hidden state. Run the stock path so heads keep the stock values.
-        return orig(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                    position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return _stock(self, orig, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs)
     if position_ids is None:
         position_ids = _position_ids(self, input_ids, keep, seqlen)
-    if token_type_ids is None:
+    token_types = getattr(self, _TOKEN_TYPES)
+    if token_type_ids is None and token_types:
         token_type_ids = torch.zeros(b, seqlen, dtype=torch.long, device=ref.device)
     lens = keep.sum(-1, dtype=torch.int32)
     idx = keep.flatten().nonzero().flatten()
@@ -75,9 +84,11 @@ def _padfree_forward(self, input_ids=None, attention_mask=None, token_type_ids=N
     def pack(t):
         return None if t is None else t.expand(b, seqlen, *t.shape[2:]).flatten(0, 1)[idx].unsqueeze(0)
 
-    out = orig(input_ids=pack(input_ids), attention_mask=None, token_type_ids=pack(token_type_ids),
-               position_ids=pack(position_ids), inputs_embeds=pack(inputs_embeds),
-               cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mx, max_length_k=mx, **kwargs)
+    if token_types:
+        kwargs["token_type_ids"] = pack(token_type_ids)
+    out = orig(input_ids=pack(input_ids), attention_mask=None, position_ids=pack(position_ids),
+               inputs_embeds=pack(inputs_embeds), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mx,
+               max_length_k=mx, **kwargs)
     hidden = PF.pad_input(out.last_hidden_state[0], idx, b, seqlen)
     pooled = self.pooler(hidden) if getattr(self, "pooler", None) is not None else None
     fields = {"last_hidden_state": hidden}
@@ -91,6 +102,7 @@ def enable(module: torch.nn.Module) -> bool:
     if not supports(module) or hasattr(module, _ORIG):
         return False
     setattr(module, _ORIG, module.forward)
+    setattr(module, _TOKEN_TYPES, "token_type_ids" in inspect.signature(type(module).forward).parameters)
     module.forward = types.MethodType(_padfree_forward, module)
     return True
 
@@ -99,6 +111,7 @@ def disable(module: torch.nn.Module) -> None:
     if hasattr(module, _ORIG):
         del module.forward  # the instance attribute; the class's forward shows again
         delattr(module, _ORIG)
+        delattr(module, _TOKEN_TYPES)
 
 
 def is_enabled(module: torch.nn.Module) -> bool:
