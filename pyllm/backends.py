@@ -75,7 +75,13 @@ def _devices(tensors) -> set:
     return {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
 
 
+def _all_cpu(tensors) -> bool:
+    return all(t.is_cpu for t in tensors if isinstance(t, torch.Tensor))  # is_cpu: no device object
+
+
 def _native_ns(op, tensors, strict):
+    if _ext.HAS_C and _all_cpu(tensors):
+        return torch.ops.pyllm, "native-cpu", "native CPU kernel"
     devs = _devices(tensors)
     if not _ext.HAS_C:
         why = f"native extension not loaded ({_ext.C_ERROR})"
@@ -93,6 +99,8 @@ def _native_ns(op, tensors, strict):
 
 
 def _emulated_ns(op, tensors):
+    if _ext.HAS_EMU and _all_cpu(tensors):
+        return torch.ops.pyllm_emu, "cuda-emulated", "CUDA kernel under the CPU emulation"
     devs = _devices(tensors)
     if not _ext.HAS_EMU:
         raise RuntimeError(

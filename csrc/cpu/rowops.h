@@ -61,6 +61,10 @@ void layer_norm_backward(const float* dy, const float* x, const float* w, float 
 // dx = rstd * (g - n * mean(g * n)), g = dy * (w + offset); dw += dy * nr.
 void rms_norm_backward(const float* dy, const float* x, const float* nr, const float* w,
                        float offset, float rstd, float* dx, float* dw, int64_t n);
+// y = gelu(x + b) (b may be null), erf form or tanh approximation, as torch's F.gelu; and the
+// backward dx = dy * gelu'(x + b). Vectorized (exp-based erfc / tanh), fp32, ~1e-7 absolute.
+void bias_gelu(const float* x, const float* b, float* y, int64_t n, bool tanh_approx);
+void bias_gelu_backward(const float* dy, const float* x, const float* b, float* dx, int64_t n, bool tanh_approx);
 // Softmax backward: dx = s * y * (dy - dot(dy, y))
 void softmax_backward(const float* dy, const float* y, float* dx, int64_t n, float s);
 

@@ -443,21 +443,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq, dk, dv, dmask};
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                                    double scale, bool causal, int64_t window_left,
-                                                    int64_t window_right, double dropout_p, int64_t seed) {
-  return varlen_forward(&attention, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window_left, window_right,
-                        dropout_p, seed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out, const at::Tensor& lse,
-    double scale, bool causal, int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
-  return varlen_backward(&attention_backward, grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, scale, causal,
-                         window_left, window_right, dropout_p, seed);
-}
+// varlen_attention / varlen_attention_backward on this backend's dense kernels (varlen.h).
+PYLLM_DEFINE_VARLEN_OPS(attention, attention_backward)
 
 }  // namespace PYLLM_CUDA_NS
 }  // namespace pyllm

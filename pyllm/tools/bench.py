@@ -68,7 +68,7 @@ class MachineLimits:
     copy_gbps: float
     copy_mib: int
     matmul_gflops: dict  # dtype name -> GFLOP/s
-    matmul_n: int
+    matmul_n: dict  # dtype name -> matrix size used
 
 
 @dataclass
@@ -115,15 +115,24 @@ def measure_limits(device: torch.device, quick: bool) -> MachineLimits:
     del src, dst
 
     mm_n = 256 if quick else (4096 if device.type == "cuda" else 2048)
-    rates = {}
+    rates, sizes = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(mm_n, mm_n, device=device).to(dtype)
-        b = torch.randn(mm_n, mm_n, device=device).to(dtype)
+        # Probe at 256 first: on CPUs without a fast bf16 GEMM in torch (measured 1.3 GFLOP/s on an
+        # AMD EPYC with AVX512-BF16, torch 2.14) a 2048^3 bf16 product takes minutes.
+        n = 256 if quick else mm_n
+        a = torch.randn(256, 256, device=device).to(dtype)
+        clock.sync()
+        probe = clock.sample(lambda: torch.mm(a, a))
+        if probe > 0.005:
+            n = 256
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
         out = torch.mm(a, b)
         clock.sync()
         t = min(clock.sample(lambda: torch.mm(a, b, out=out)) for _ in range(reps))
-        rates[_dname(dtype)] = 2 * mm_n**3 / t / 1e9
-    return MachineLimits(copy_gbps, mib, rates, mm_n)
+        rates[_dname(dtype)] = 2 * n**3 / t / 1e9
+        sizes[_dname(dtype)] = n
+    return MachineLimits(copy_gbps, mib, rates, sizes)
 
 
 # --------------------------------------------------------------------------- running
@@ -305,7 +314,7 @@ def write_markdown(path: str, info: dict, limits: MachineLimits, rows: list, qui
               f"- copy bandwidth: **{limits.copy_gbps:.1f} GB/s** (`Tensor.copy_` of {limits.copy_mib} MiB fp32, "
               "bytes read + written, best of N)"]
     for dt, rate in limits.matmul_gflops.items():
-        lines.append(f"- matmul: **{rate:.1f} GFLOP/s** {dt} (`torch.mm` {limits.matmul_n}x{limits.matmul_n}, best of N)")
+        lines.append(f"- matmul: **{rate:.1f} GFLOP/s** {dt} (`torch.mm` {limits.matmul_n[dt]}x{limits.matmul_n[dt]}, best of N)")
     lines += ["", "## Results", "",
               "Times are medians of interleaved repetitions; speedup = baseline time / pyllm time "
               "(median of paired repetitions; > 1 means pyllm is faster). GB/s counts the bytes an ideal "
@@ -412,7 +421,7 @@ def main(args) -> int:
     limits = measure_limits(device, quick)
     print(f"limits: copy {limits.copy_gbps:.1f} GB/s ({limits.copy_mib} MiB), matmul "
           + ", ".join(f"{v:.1f} GFLOP/s {k}" for k, v in limits.matmul_gflops.items())
-          + f" ({limits.matmul_n}^3)")
+          + " (" + ", ".join(f"{k} {v}^3" for k, v in limits.matmul_n.items()) + ")")
 
     clock = Clock(device, quick)
     reps = 5 if quick else 30

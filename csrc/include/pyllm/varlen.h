@@ -120,3 +120,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward(
 }
 
 }  // namespace pyllm
+
+// Defines the varlen_attention / varlen_attention_backward entry points (declared in
+// ops/attention.h) in the current namespace, on that namespace's dense ATTN / ATTN_BWD.
+#define PYLLM_DEFINE_VARLEN_OPS(ATTN, ATTN_BWD)                                                          \
+  std::tuple<at::Tensor, at::Tensor> varlen_attention(                                                   \
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,     \
+      const at::Tensor& cu_seqlens_k, double scale, bool causal, int64_t window_left,                    \
+      int64_t window_right, double dropout_p, int64_t seed) {                                            \
+    return ::pyllm::varlen_forward(&ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,            \
+                                   window_left, window_right, dropout_p, seed);                          \
+  }                                                                                                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(                              \
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,         \
+      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out,             \
+      const at::Tensor& lse, double scale, bool causal, int64_t window_left, int64_t window_right,       \
+      double dropout_p, int64_t seed) {                                                                  \
+    return ::pyllm::varlen_backward(&ATTN_BWD, grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse,  \
+                                    scale, causal, window_left, window_right, dropout_p, seed);          \
+  }
