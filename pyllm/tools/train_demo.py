@@ -30,6 +30,19 @@ LM_STEPS, CLF_STEPS = 600, 300
 PROMPTS = ("Shall I compare thee", "Four score and", "Tyger Tyger")
 
 
+def _step(loss, opt, sched, bar, losses, clip=None):
+    """One optimizer step (gradient clipping to norm 1 when `clip` gives the parameters)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def train_language_model(steps: int, seed: int = 0, block: int = 64, batch: int = 16):
     torch.manual_seed(seed)
     text = load_text()
@@ -49,14 +62,7 @@ def train_language_model(steps: int, seed: int = 0, block: int = 64, batch: int 
         inputs, labels = chunk[:, :-1], chunk[:, 1:]          # next-token prediction
         logits = model(inputs)                                # causal without any mask tensor
         loss = F.cross_entropy(logits.reshape(-1, tok.vocab_size), labels.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _step(loss, opt, sched, bar, losses, clip=model.parameters())
     bar.close()
 
     model.eval()
@@ -95,13 +101,7 @@ def train_classifier(steps: int, seed: int = 0, batch: int = 64):
         idx = torch.randint(0, len(x_train), (batch,), generator=g)
         logp = head(encoder(x_train[idx]))                   # padding mask from pad_token_id
         loss = F.nll_loss(logp, y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _step(loss, opt, sched, bar, losses)
     bar.close()
     encoder.eval()
     head.eval()
