@@ -27,7 +27,7 @@ $(VENV)/.deps: requirements.txt
 venv: $(VENV)/.deps
 
 $(STAMP): $(VENV)/.deps $(SOURCES)
-	@echo "building pyllm (first build: about 5 minutes on 2 cores; PYLLM_CUDA=0 skips nvcc)"
+	@echo "building pyllm (first build: about 9 minutes on 2 cores; PYLLM_CUDA=0 skips nvcc)"
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	@$(PY) -c "import pyllm._C" || (echo "build failed: pyllm._C does not import"; exit 1)
 	@rm -f $(VENV)/.pyllm-built-*; touch $@
