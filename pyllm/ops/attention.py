@@ -199,6 +199,22 @@ def _kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale, causa
     return out.reshape(*lead, hq, lq, value.shape[-1])
 
 
+def torch_keep(lq: int, lk: int, shift: int, causal: bool, window, device=None) -> torch.Tensor:
+    """Bool [lq, lk] keep-mask from torch.tril/triu (the torch baselines' geometry, written apart from
+    the reference's attention_keep): query i sits at key position i + shift; window = (left, right),
+    -1 = unbounded; causal caps right at 0."""
+    ones = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    keep = ones
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0:
+        keep = keep & ones.tril(shift + right)
+    if left >= 0:
+        keep = keep & ones.triu(shift - left)
+    return keep
+
+
 def torch_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False, *, causal_alignment="top_left", sliding_window=None):
     """The plain torch baseline: ``F.scaled_dot_product_attention`` with causality and the window
@@ -206,16 +222,8 @@ def torch_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     lq, lk = query.shape[-2], key.shape[-2]
     keep = None
     if is_causal or sliding_window is not None:
-        ones = torch.ones(lq, lk, dtype=torch.bool, device=query.device)
         shift = lk - lq if causal_alignment == "bottom_right" else 0
-        keep = ones
-        left, right = sliding_window if sliding_window is not None else (-1, -1)
-        if is_causal:
-            right = 0 if right < 0 else min(right, 0)
-        if right >= 0:
-            keep = keep & ones.tril(shift + right)
-        if left >= 0:
-            keep = keep & ones.triu(shift - left)
+        keep = torch_keep(lq, lk, shift, is_causal, sliding_window, query.device)
     mask = attn_mask
     if keep is not None:
         if mask is None:

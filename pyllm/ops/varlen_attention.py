@@ -30,7 +30,7 @@ import torch.nn.functional as TF
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
 from ._common import check_float, check_same_device, check_tensor, empty, run
-from .attention import CUDA_MAX_HEAD_DIM, attention_keep
+from .attention import CUDA_MAX_HEAD_DIM, torch_keep
 from .attention import reference as dense_reference
 
 
@@ -187,15 +187,7 @@ def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         if lq == 0:
             outs.append(q.new_zeros((0, q.shape[1], v.shape[2])))
             continue
-        ones = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-        keep = ones
-        left, right = window_size
-        if causal:
-            right = 0 if right < 0 else min(right, 0)
-        if right >= 0:
-            keep = keep & ones.tril(lk - lq + right)
-        if left >= 0:
-            keep = keep & ones.triu(lk - lq - left)
+        keep = torch_keep(lq, lk, lk - lq, causal, tuple(window_size), q.device)
         if lk == 0:
             o = qs.new_zeros((q.shape[1], lq, v.shape[2]))
         else:
