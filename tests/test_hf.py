@@ -43,7 +43,8 @@ def stock(arch: str, impl: str = "eager"):
 
 def pyllm_model(arch: str):
     m = stock(arch, "eager")
-    rep = optimize(m)
+    assert optimize(m) is m
+    rep = pyllm.hf.report(m)
     assert rep.complete, str(rep)
     return m
 
@@ -193,7 +194,9 @@ def test_optimize_revert_round_trip(arch):
     with torch.no_grad():
         ref64 = run(oracle(arch), arch, ids, am, dec)
         before = run(m, arch, ids, am, dec)
-        rep = optimize(m)
+        assert optimize(m) is m  # returns the model
+        rep = pyllm.hf.report(m)
+        assert m.pyllm_report is rep
         assert pyllm.hf.is_optimized(m) and rep.complete and rep.norms and rep.attention
         assert m.config._attn_implementation == "pyllm"
         assert list(m.state_dict()) == keys
@@ -202,7 +205,7 @@ def test_optimize_revert_round_trip(arch):
         swapped = [n for n, x in m.named_modules() if type(x).__module__.startswith("pyllm")]
         assert swapped
         during = run(m, arch, ids, am, dec)
-        assert optimize(m) is rep  # idempotent
+        assert optimize(m) is m and pyllm.hf.report(m) is rep  # idempotent
         revert(m)
         after = run(m, arch, ids, am, dec)
     assert not pyllm.hf.is_optimized(m)
@@ -247,7 +250,7 @@ def test_unrecognized_norm_is_reported_and_left_exact():
     ref64.model.norm.weight = torch.nn.Parameter(old.weight.detach().clone())
     ref64 = ref64.double()
     with pytest.warns(UserWarning, match="ScaledRMSNorm"):
-        rep = optimize(m)
+        rep = optimize(m).pyllm_report
     assert not rep.complete
     assert any("ScaledRMSNorm" in k for k in rep.skipped)
     assert type(m.model.norm) is ScaledRMSNorm
@@ -265,14 +268,17 @@ def test_optimize_plain_module():
     x = torch.randn(4, 8)
     ref = seq(x)
     ref64 = copy.deepcopy(seq).double()(x.double())
-    with pytest.warns(UserWarning, match="not a transformers PreTrainedModel"):
-        rep = optimize(seq)
+    with pytest.warns(UserWarning, match="no transformers PreTrainedModel in it"):
+        rep = pyllm.hf.report(optimize(seq))
     assert isinstance(seq[1], pyllm.nn.LayerNorm) and isinstance(seq[2], pyllm.nn.RMSNorm)
     assert_close_to_ref(seq(x), ref64, ref, name="optimized Sequential")
     assert rep.norms and not rep.attention
     revert(seq)
     assert type(seq[1]) is torch.nn.LayerNorm and type(seq[2]) is torch.nn.RMSNorm
     assert "style" not in seq[2].__dict__
+    assert not hasattr(seq, "pyllm_report")
+    with pytest.raises(ValueError, match="Sequential was not"):
+        pyllm.hf.report(seq)
     assert torch.equal(seq(x), ref)
 
 
@@ -401,7 +407,7 @@ def test_minilm_real_model(minilm, dtype):
     for impl in ("oracle", "sdpa", "pyllm"):
         m = transformers.AutoModel.from_pretrained(path, attn_implementation="eager" if impl == "pyllm" else "sdpa")
         if impl == "pyllm":
-            assert optimize(m).complete
+            assert optimize(m).pyllm_report.complete
         m = m.double() if impl == "oracle" else m.to(dtype)
         with torch.no_grad():
             outs[impl] = m.eval()(**batch).last_hidden_state

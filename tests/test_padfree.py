@@ -67,7 +67,7 @@ def _first(out):
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_padding_free_matches_stock(name, layout):
     m = stock(name)
-    rep = pyllm.hf.optimize(m)
+    rep = pyllm.hf.optimize(m).pyllm_report
     assert padfree.is_enabled(m.base_model) and type(m.base_model).__name__ in rep.padding_free, str(rep)
     assert "padding-free" in str(rep)
     b = 1 if layout == "single" else 4
@@ -130,5 +130,5 @@ def test_padding_free_gradients_match_stock():
 
 def test_padding_free_can_be_turned_off():
     m = stock("bert")
-    rep = pyllm.hf.optimize(m, padding_free=False)
+    rep = pyllm.hf.optimize(m, padding_free=False).pyllm_report
     assert rep.padding_free == [] and not padfree.is_enabled(m)

@@ -102,7 +102,7 @@ def three(task, path, fp64_reference=True, **kw):
         p = transformers.pipeline(task, model=path, device="cpu",
                                   model_kwargs={"attn_implementation": "eager" if impl == "pyllm" else impl}, **kw)
         if impl == "pyllm":
-            rep = optimize(p.model)
+            rep = optimize(p.model).pyllm_report
             assert rep.complete, str(rep)
         if impl == "eager" and fp64_reference:
             p.model.double()
@@ -210,7 +210,7 @@ def test_question_answering_span(tmp_path_factory):
         m = transformers.AutoModelForQuestionAnswering.from_pretrained(
             path, attn_implementation="eager" if impl == "pyllm" else impl).eval()
         if impl == "pyllm":
-            assert optimize(m).complete
+            assert optimize(m).pyllm_report.complete
         if impl == "eager":
             m = m.double()  # the oracle
         with torch.no_grad():
@@ -252,7 +252,7 @@ def test_seq2seq_summarize_translate(tmp_path_factory, arch, cls):
         m = transformers.AutoModelForSeq2SeqLM.from_pretrained(
             path, attn_implementation="eager" if impl == "pyllm" else impl).eval()
         if impl == "pyllm":
-            assert optimize(m).complete
+            assert optimize(m).pyllm_report.complete
         batch = tok(prompts, padding=True, return_tensors="pt")
         with torch.no_grad():
             ids = m.generate(**batch, max_new_tokens=24, min_new_tokens=24, do_sample=False)

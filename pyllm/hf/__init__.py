@@ -13,8 +13,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("pyllm.hf needs the `transformers` package (pip install transformers)") from e
 
 from .attention import NAME, attention_forward, register
-from .optimize import OptimizeReport, is_optimized, optimize, revert
+from .optimize import OptimizeReport, is_optimized, optimize, report, revert
 
 register()
 
-__all__ = ["NAME", "attention_forward", "register", "optimize", "revert", "is_optimized", "OptimizeReport"]
+__all__ = ["NAME", "attention_forward", "register", "optimize", "revert", "is_optimized", "report", "OptimizeReport"]

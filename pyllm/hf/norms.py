@@ -98,6 +98,10 @@ def _has_hooks(m: torch.nn.Module) -> bool:
                 or m._load_state_dict_pre_hooks)
 
 
+# Modules named like a norm that compute something else: not reported as "left unchanged".
+_NOT_NORMS = {("sentence_transformers", "Normalize")}  # L2 normalization of the sentence embedding
+
+
 def plan(m: torch.nn.Module):
     """How to switch ``m`` to pyllm: ``("class", new_class, extra_attrs)``, ``("replace", new_module)``,
     ``("skip", reason)`` for a norm-like module that is not handled, or None (not a norm)."""
@@ -108,6 +112,8 @@ def plan(m: torch.nn.Module):
         return ("class", pnn.RMSNorm, {"style": "torch"})
     if t in (pnn.LayerNorm, pnn.RMSNorm):
         return None  # already pyllm
+    if (t.__module__.split(".")[0], t.__name__) in _NOT_NORMS:
+        return None
     rec = hf_rms_style(t)
     if rec is None:
         return ("skip", "not a recognized normalization") if "norm" in t.__name__.lower() else None

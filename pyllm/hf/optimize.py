@@ -64,9 +64,37 @@ def is_optimized(model: torch.nn.Module) -> bool:
     return getattr(model, _STATE, None) is not None
 
 
+def report(model: torch.nn.Module) -> OptimizeReport:
+    """The :class:`OptimizeReport` of a model switched by :func:`optimize` (also ``model.pyllm_report``)."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(f"pyllm: report(model) needs a model switched by pyllm.hf.optimize(model); "
+                         f"this {type(model).__name__} was not")
+    return state["report"]
+
+
+def _transformers_models(model):
+    """The outermost transformers PreTrainedModels in ``model`` (the model itself if it is one; the
+    ones inside a wrapper such as a sentence-transformers ``SentenceTransformer`` otherwise)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return [model]
+    found, inner = [], set()
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and id(m) not in inner:
+            found.append(m)
+            inner.update(id(x) for x in m.modules())
+    return found
+
+
 def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
-             padding_free: bool = True, warn: bool = True) -> OptimizeReport:
-    """Run an already built transformers model on pyllm, in place.
+             padding_free: bool = True, warn: bool = True) -> torch.nn.Module:
+    """Run an already built transformers model on pyllm, in place; returns the model
+    (``model = pyllm.hf.optimize(model)`` works, as with ``torch.compile``).
+
+    ``model`` is a transformers ``PreTrainedModel`` or a module holding some, such as a
+    sentence-transformers ``SentenceTransformer`` (the transformers models inside are switched).
 
     * attention: ``model.set_attn_implementation("pyllm")`` (transformers' own switch, which also
       updates sub-models and sub-configs); models whose attention does not go through
@@ -80,28 +108,30 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
       every layer on the real tokens only (:mod:`pyllm.hf.padfree`); their ``last_hidden_state``
       holds zeros at pad positions.
 
-    Outputs match the stock model to floating-point rounding. Returns an :class:`OptimizeReport`
-    (also kept on the model); warns about anything left unchanged unless ``warn=False``.
-    :func:`revert` undoes it exactly. Calling it on an optimized model returns the first report.
+    Outputs match the stock model to floating-point rounding. What it switched and what it left
+    (and why) is an :class:`OptimizeReport`: ``pyllm.hf.report(model)`` or ``model.pyllm_report``;
+    it warns about anything left unchanged unless ``warn=False``. :func:`revert` undoes it exactly.
+    Calling it on an optimized model changes nothing.
     """
     from transformers import PreTrainedModel
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"pyllm: model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    state = getattr(model, _STATE, None)
-    if state is not None:
-        return state["report"]
+    if getattr(model, _STATE, None) is not None:
+        return model
     report = OptimizeReport()
     state = {"report": report, "attn": [], "classes": [], "children": []}
 
     if attention:
-        if not isinstance(model, PreTrainedModel):
-            report.attention_skipped[type(model).__name__] = "not a transformers PreTrainedModel"
-        else:
-            state["attn"] = [(cfg, cfg._attn_implementation_internal) for cfg in _configs(model)]
+        hf_models = _transformers_models(model)
+        if not hf_models:
+            report.attention_skipped[type(model).__name__] = "no transformers PreTrainedModel in it"
+        for hf_model in hf_models:
+            state["attn"].append((hf_model, [(cfg, cfg._attn_implementation_internal) for cfg in _configs(hf_model)]))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # transformers' own notices; we report below
-                model.set_attn_implementation(NAME)
+                hf_model.set_attn_implementation(NAME)
+        if hf_models:
             seen = set()
             for m in model.modules():
                 if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
@@ -151,10 +181,11 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
                 state["padfree"].append(m)
                 report.padding_free.append(type(m).__name__)
     object.__setattr__(model, _STATE, state)
+    object.__setattr__(model, "pyllm_report", report)
     if warn and not report.complete:
         warnings.warn(f"pyllm.hf.optimize left parts of {type(model).__name__} on stock PyTorch "
                       f"(results stay exact, only not accelerated):\n{report}", stacklevel=2)
-    return report
+    return model
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:
@@ -174,15 +205,15 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
         module.__class__ = cls
         for k in extra:
             module.__dict__.pop(k, None)
-    if state["attn"]:
-        first = state["attn"][0][1]
+    for hf_model, saved in state["attn"]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                model.set_attn_implementation(first)
+                hf_model.set_attn_implementation(saved[0][1])
             except Exception:  # noqa: BLE001  (restored exactly just below anyway)
                 pass
-        for cfg, impl in state["attn"]:
+        for cfg, impl in saved:
             cfg._attn_implementation_internal = impl
     object.__delattr__(model, _STATE)
+    object.__delattr__(model, "pyllm_report")
     return model

@@ -88,7 +88,7 @@ def main(args) -> int:
     sdpa.set_attn_implementation("sdpa")
     models["sdpa"] = sdpa
     ours = copy.deepcopy(base)
-    report = pyllm.hf.optimize(ours, warn=False)
+    report = pyllm.hf.report(pyllm.hf.optimize(ours, warn=False))
     models["pyllm"] = ours
     for m in models.values():
         m.to(device)
