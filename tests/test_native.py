@@ -264,6 +264,6 @@ def test_outputs_do_not_alias(op):
     for args in _samples(op):
         with torch.no_grad():
             outs = getattr(torch.ops.pyllm, op)(*args)
-        outs = outs if isinstance(outs, tuple) else (outs,)
+        outs = () if outs is None else outs if isinstance(outs, tuple) else (outs,)  # in-place ops: none
         ptrs = [o.untyped_storage().data_ptr() for o in outs if o.numel() > 0]
         assert len(ptrs) == len(set(ptrs)), f"{op}: outputs share storage"

@@ -213,6 +213,42 @@ def test_add_layer_norm_forward(backend, n, lead, dtype, affine):
     assert_close_to_ref(out, ln64(s, n, w, b, 1e-6), tF.layer_norm(s, (n,), w, b, eps=1e-6), name="add_layer_norm")
 
 
+@pytest.mark.parametrize("affine", [(True, True), (False, False)], ids=lambda a: f"w{int(a[0])}b{int(a[1])}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,n,lead", cases(WIDTHS, EMU_WIDTHS))
+def test_add_layer_norm_inplace(backend, n, lead, dtype, affine):
+    x = make_input(lead + (n,), dtype, scale=2.0, shift=0.5)
+    r = make_input(lead + (n,), dtype, layout="sliced")
+    w = make_input((n,), dtype, shift=1.0) if affine[0] else None
+    b = make_input((n,), dtype) if affine[1] else None
+    s = x + r
+    y = x.clone()
+    ptr = y.data_ptr()
+    with maybe_backend(backend), torch.no_grad():
+        got = P.add_layer_norm_(y, r, (n,), w, b, eps=1e-6)
+        oop = P.add_layer_norm(x, r, (n,), w, b, eps=1e-6)[0]
+    assert got is y and y.data_ptr() == ptr  # written in place, returned
+    assert torch.equal(y, oop)  # exactly the out-of-place op's values
+    assert_close_to_ref(y, ln64(s, n, w, b, 1e-6), tF.layer_norm(s, (n,), w, b, eps=1e-6),
+                        name="add_layer_norm_")
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
+def test_add_layer_norm_inplace_strided_and_grad(backend):
+    base = make_input((6, 10), torch.float32)
+    orig, r = base.clone(), make_input((6, 5), torch.float32)
+    with maybe_backend(backend):
+        P.add_layer_norm_(base[:, ::2], r, 5)  # non-contiguous: computed out of place, copied back
+    assert_close_to_ref(base[:, ::2], tF.layer_norm(orig[:, ::2].double() + r.double(), (5,)),
+                        tF.layer_norm(orig[:, ::2] + r, (5,)), name="strided add_layer_norm_")
+    assert torch.equal(base[:, 1::2], orig[:, 1::2])  # the other columns untouched
+    x = make_input((3, 8), torch.float32).requires_grad_()
+    with pytest.raises(RuntimeError, match="writes input in place and has no backward"):
+        P.add_layer_norm_(x.detach(), x, 8)  # residual requires grad
+    with torch.no_grad():  # inference: allowed
+        P.add_layer_norm_(x.detach().clone(), x, 8)
+
+
 @pytest.mark.parametrize("backend", [None, pytest.param(EMU, marks=pytest.mark.emulated)])
 def test_add_layer_norm_multi_dim_and_3d(backend):
     x = make_input((2, 3, 4, 5), torch.float32, layout="transposed")

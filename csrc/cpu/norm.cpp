@@ -109,6 +109,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
   return {out, summed, mean, rstd};
 }
 
+// In place, for inference: input <- layer_norm(input + residual). Reads two rows, writes one, and
+// allocates nothing (no fresh pages to fault in: the out-of-place chain's main cost on the CPU).
+void add_layer_norm_inplace(at::Tensor& input, const at::Tensor& residual_,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, double eps) {
+  check_norm_input(input);
+  check_residual(residual_, input);
+  check_norm_param(weight, input, "weight");
+  check_norm_param(bias, input, "bias");
+  TORCH_CHECK(input.is_contiguous(), "pyllm: add_layer_norm_ needs a contiguous input (it is written in place)");
+  const at::Tensor residual = residual_.contiguous();
+  const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
+  if (input.numel() == 0) return;
+  at::Tensor wh, bh;
+  const float* w = opt_float_ptr(weight, wh);
+  const float* b = opt_float_ptr(bias, bh);
+  const at::ScalarType st = input.scalar_type();
+  PYLLM_DISPATCH_FLOATING(st, "pyllm_add_layer_norm_inplace_cpu", [&] {
+    scalar_t* x = input.data_ptr<scalar_t>();
+    const scalar_t* res = residual.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      std::vector<float> xb(n), rb(n), sb(n);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* xr = load_row(x + r * n, xb.data(), n);
+        const float* rr = load_row(res + r * n, rb.data(), n);
+        float* sr = sb.data();
+        row::add(xr, rr, sr, n);
+        round_through(st, sr, n);  // the sum as x + r would store it
+        const float mu = row::mean(sr, n);
+        const float var = row::sq_dev_sum(sr, n, mu) / (float)n;
+        const float rs = 1.f / std::sqrt(var + (float)eps);
+        float* yr = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(x + r * n) : sr;
+        row::layer_norm(sr, yr, n, mu, rs, w, b);
+        store_row(yr, x + r * n, n);
+      }
+    });
+  });
+}
+
 // Shared by LayerNorm and RMSNorm backward: per-thread partial weight/bias grads.
 template <typename F>
 static void rows_with_partials(int64_t rows, int64_t n, int nparts, at::Tensor& partial, F&& body) {
@@ -276,6 +315,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_
 TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
   m.impl("layer_norm", &pyllm::cpu::layer_norm);
   m.impl("add_layer_norm", &pyllm::cpu::add_layer_norm);
+  m.impl("add_layer_norm_inplace", &pyllm::cpu::add_layer_norm_inplace);
   m.impl("layer_norm_backward", &pyllm::cpu::layer_norm_backward);
   m.impl("rms_norm", &pyllm::cpu::rms_norm);
   m.impl("rms_norm_backward", &pyllm::cpu::rms_norm_backward);

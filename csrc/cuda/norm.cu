@@ -276,6 +276,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
   return {out, summed, mean, rstd};
 }
 
+// In place (inference). The fused kernel's pointers are __restrict__, so it writes a fresh output
+// that is copied back: correct, not the bandwidth saving (the CPU page-fault cost it removes there
+// does not exist on the GPU, whose caching allocator reuses memory).
+void add_layer_norm_inplace(at::Tensor& input, const at::Tensor& residual,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, double eps) {
+  input.copy_(std::get<0>(add_layer_norm(input, residual, weight, bias, eps)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
     const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& mean_,
     const at::Tensor& rstd_, const std::optional<at::Tensor>& weight,
@@ -411,6 +420,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_
 PYLLM_CUDA_LIBRARY_IMPL(m) {
   m.impl("layer_norm", &pyllm::PYLLM_CUDA_NS::layer_norm);
   m.impl("add_layer_norm", &pyllm::PYLLM_CUDA_NS::add_layer_norm);
+  m.impl("add_layer_norm_inplace", &pyllm::PYLLM_CUDA_NS::add_layer_norm_inplace);
   m.impl("layer_norm_backward", &pyllm::PYLLM_CUDA_NS::layer_norm_backward);
   m.impl("rms_norm", &pyllm::PYLLM_CUDA_NS::rms_norm);
   m.impl("rms_norm_backward", &pyllm::PYLLM_CUDA_NS::rms_norm_backward);

@@ -104,6 +104,45 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor,
     return out, summed
 
 
+def add_layer_norm_(input: torch.Tensor, residual: torch.Tensor,
+                    normalized_shape: Union[int, Sequence[int]],
+                    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    eps: float = 1e-5) -> torch.Tensor:
+    """In-place residual add + LayerNorm for inference: ``input <- layer_norm(input + residual)``;
+    returns ``input``.
+
+    The values are exactly :func:`add_layer_norm`'s first output. The sum is not written anywhere
+    and nothing is allocated: on the CPU this reads two tensors and writes one, where
+    ``F.layer_norm(x + r)`` writes two fresh tensors (whose new pages fault in on first touch).
+    It has no backward: with autograd recording and any argument requiring grad it raises; use
+    :func:`add_layer_norm` for training. A non-contiguous ``input`` is computed out of place and
+    copied back.
+    """
+    check_float(input, "input")
+    check_float(residual, "residual")
+    check_same_device(residual, "residual", input)
+    if residual.shape != input.shape:
+        raise ValueError(f"pyllm: residual must have the input's shape {list(input.shape)}, "
+                         f"got {list(residual.shape)} (no broadcasting)")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"pyllm: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+    shape = normalized(input, normalized_shape)
+    check_param(weight, "weight", input, shape)
+    check_param(bias, "bias", input, shape)
+    check_number(eps, "eps")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (input, residual, weight, bias)):
+        raise RuntimeError("pyllm: add_layer_norm_ writes input in place and has no backward; an argument "
+                           "requires grad: use add_layer_norm (out of place) for training, or torch.no_grad()")
+    d = backends.select("add_layer_norm", (input, residual, weight, bias), LIMITS)
+    if d.uses_kernel and input.is_contiguous():
+        x, r = flat(input, shape), flat(residual, shape)
+        d.ns.add_layer_norm_inplace(x, r, flat_param(weight, shape), flat_param(bias, shape), float(eps))
+    else:
+        input.copy_(add_layer_norm(input, residual, shape, weight, bias, eps)[0])
+    return input
+
+
 def torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """The plain torch baseline: ``F.layer_norm``."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
@@ -125,6 +164,8 @@ SCHEMAS = {
 ADD_SCHEMAS = {
     "add_layer_norm": "(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, float eps) "
                       "-> (Tensor, Tensor, Tensor, Tensor)",
+    # inference only (no autograd): input <- layer_norm(input + residual)
+    "add_layer_norm_inplace": "(Tensor(a!) input, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> ()",
 }
 
 
@@ -183,6 +224,11 @@ def _register_add(ns: str, lib) -> None:
 
     torch.library.register_autograd(f"{ns}::add_layer_norm", backward, setup_context=setup)
 
+    @torch.library.register_fake(f"{ns}::add_layer_norm_inplace")
+    def _(x, residual, weight, bias, eps):
+        torch._check(residual.shape == x.shape, lambda: "residual must have the input's shape")
+        return None
+
 
 # --------------------------------------------------------------------------- samples
 def _rand(shape, device, dtype, g, requires_grad=False):
@@ -239,7 +285,10 @@ def add_native_samples():
     n = 7
     return {"add_layer_norm": [
         (torch.randn(3, n, **g), torch.randn(3, n, **g), torch.randn(n, **g), torch.randn(n, **g), 1e-5),
-        (torch.randn(2, 3, n).bfloat16().requires_grad_(), torch.randn(2, 3, n).bfloat16(), None, None, 1e-5)]}
+        (torch.randn(2, 3, n).bfloat16().requires_grad_(), torch.randn(2, 3, n).bfloat16(), None, None, 1e-5)],
+        "add_layer_norm_inplace": [
+            (torch.randn(3, n), torch.randn(3, n), torch.randn(n), torch.randn(n), 1e-5),
+            (torch.randn(2, 3, n).bfloat16(), torch.randn(2, 3, n).bfloat16(), None, None, 1e-5)]}
 
 
 def bad_inputs():
@@ -266,6 +315,10 @@ def add_bad_inputs():
         BadInput(lambda: add_layer_norm(x, x.double(), 8), TypeError, "residual must have the input's dtype",
                  "dtype"),
         BadInput(lambda: add_layer_norm(x, "r", 8), TypeError, "residual must be a torch.Tensor", "type"),
+        BadInput(lambda: add_layer_norm_(x.clone(), torch.randn(2, 1), 8), ValueError,
+                 r"residual must have the input's shape \[2, 8\], got \[2, 1\]", "in place: broadcast"),
+        BadInput(lambda: add_layer_norm_(x.clone().requires_grad_(), x, 8), RuntimeError,
+                 "writes input in place and has no backward", "in place: requires grad"),
     ]
 
 
@@ -291,11 +344,24 @@ def add_bench_cases(dtype, device, quick):
         s = x + r
         return TF.layer_norm(s, (d,), w, b), s
 
+    # In place (inference, as pyllm.hf's fused layers call it on a linear layer's fresh output):
+    # the baseline is what a stock layer runs, F.layer_norm(x + r). The candidate overwrites buf:
+    # its first call (the one checked against the baseline) sees x; later ones normalize the
+    # previous result again (same sizes and work, values stay finite and O(1)).
+    buf = x.clone()
+
+    def inplace():
+        return add_layer_norm_(buf, r, (d,), w, b)
+
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
     return [BenchCase("add_layer_norm", "residual+ln", fmt_shape((n, d)), dtype,
                       lambda: add_layer_norm(x, r, (d,), w, b), {"x + r; F.layer_norm": eager},
-                      bytes=(4 * n * d + 2 * d) * x.element_size(),
-                      tol=1e-4 if dtype == torch.float32 else 5e-2,
-                      targets={"x + r; F.layer_norm": 1.8})]
+                      bytes=(4 * n * d + 2 * d) * x.element_size(), tol=tol,
+                      targets={"x + r; F.layer_norm": 1.8}),
+            BenchCase("add_layer_norm_", "residual+ln in place", fmt_shape((n, d)), dtype, inplace,
+                      {"F.layer_norm(x + r)": lambda: TF.layer_norm(x + r, (d,), w, b)},
+                      bytes=(3 * n * d + 2 * d) * x.element_size(), tol=tol,
+                      targets={"F.layer_norm(x + r)": 1.5})]
 
 
 KERNELS = ("csrc/cpu/norm.cpp", "csrc/cuda/norm.cu")

@@ -15,6 +15,10 @@
       const at::Tensor& input, const at::Tensor& residual,                              \
       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,   \
       double eps);                                                                      \
+  void add_layer_norm_inplace(                                                          \
+      at::Tensor& input, const at::Tensor& residual,                                    \
+      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,   \
+      double eps);                                                                      \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(                  \
       const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,      \
       const at::Tensor& rstd, const std::optional<at::Tensor>& weight,                  \
