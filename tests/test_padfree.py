@@ -132,3 +132,50 @@ def test_padding_free_can_be_turned_off():
     m = stock("bert")
     rep = pyllm.hf.optimize(m, padding_free=False).pyllm_report
     assert rep.padding_free == [] and not padfree.is_enabled(m)
+
+
+# ----------------------------------------------------------------------------- fused epilogues
+def test_fused_epilogues_report_run_and_revert(monkeypatch):
+    from pyllm.hf import fused
+
+    m = stock("bert")
+    rep = pyllm.hf.optimize(m).pyllm_report
+    n = m.config.num_hidden_layers
+    assert rep.fused["BertSelfOutput: dense -> pyllm add_layer_norm_ (residual + LayerNorm, in place)"] == n
+    assert rep.fused["BertOutput: dense -> pyllm add_layer_norm_ (residual + LayerNorm, in place)"] == n
+    assert any("GELU(erf)" in k for k in rep.not_fused)  # erf GELU stays on torch, and says why
+    assert rep.complete  # not fusing is not "left on stock PyTorch"
+    calls = []
+    orig = pyllm.functional.add_layer_norm_
+    monkeypatch.setattr(pyllm.functional, "add_layer_norm_", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    ids, am = batch(m, "right")
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=am)
+    assert len(calls) == 2 * n  # in place in every layer under no_grad
+    m.train()
+    m.config.hidden_dropout_prob = 0.1
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.1
+    calls.clear()
+    m(input_ids=ids, attention_mask=am)
+    assert calls == []  # training with dropout: the stock forward runs
+    pyllm.hf.revert(m)
+    assert not any(fused.is_enabled(x) or "forward" in x.__dict__ for x in m.modules())
+
+
+def test_fused_bias_gelu_tanh_matches_stock(monkeypatch):
+    cfg = tiny_config("bert", hidden_act="gelu_pytorch_tanh")
+    m0 = _from_cfg(T.BertModel, cfg)
+    m, oracle, base = copy.deepcopy(m0), copy.deepcopy(m0).double(), copy.deepcopy(m0)
+    rep = pyllm.hf.optimize(m).pyllm_report
+    assert rep.fused["BertIntermediate: dense without bias -> pyllm bias_gelu(tanh)"] == cfg.num_hidden_layers
+    calls = []
+    orig = pyllm.functional.bias_gelu
+    monkeypatch.setattr(pyllm.functional, "bias_gelu", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    ids, am = batch(m, "right")
+    keep = am.bool()
+    with torch.no_grad():
+        ours, ref, bas = (x(input_ids=ids, attention_mask=am).last_hidden_state for x in (m, oracle, base))
+    assert len(calls) == cfg.num_hidden_layers
+    assert_close_to_ref(ours[keep], ref[keep], bas[keep], name="bert (tanh GELU) fused")

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cmath>
@@ -597,8 +598,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq, dk, dv, dmask};
 }
 
-// varlen_attention / varlen_attention_backward on this backend's dense kernels (varlen.h).
-PYLLM_DEFINE_VARLEN_OPS(attention, attention_backward)
+// varlen_attention forward: one parallel loop over (sequence, query block, head) tasks of the whole
+// packed batch, each running the dense kernel's forward_block on its sequence's rows (base pointers
+// shifted to the sequence start; geometry, dropout stream and row ids per sequence, exactly as a
+// dense call on that sequence would use). Output is written head-major [H, T, Dv] (each task's rows
+// are contiguous there), then transposed once to the packed [T, H, Dv].
+std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& query, const at::Tensor& key,
+                                                    const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                                                    const at::Tensor& cu_seqlens_k, double scale, bool causal,
+                                                    int64_t window_left, int64_t window_right, double dropout_p,
+                                                    int64_t seed) {
+  check_varlen_qkv(query, key, value);
+  const VarlenSeqs sq = varlen_seqs(query, key, cu_seqlens_q, cu_seqlens_k);
+  auto as_bhld = [](const at::Tensor& t) { return t.permute({1, 0, 2}).unsqueeze(0); };
+  const at::Tensor q = prep(as_bhld(query), true), k = prep(as_bhld(key), false), v = prep(as_bhld(value), false);
+  const Args a = make_args(q, k, v, scale, causal, true, window_left, window_right, dropout_p, seed);
+  const int64_t T = query.size(0), H = a.Hq, Dv = a.Dv, nseq = (int64_t)sq.q.size() - 1;
+  const int64_t esize = a.kv_type == 0 ? 4 : 2;
+  const auto fopt = query.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({H, T, Dv}, fopt), lse = at::empty({H, T}, fopt);
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (sequence, query block), longest sequences first
+  std::vector<int64_t> order(nseq);
+  for (int64_t b = 0; b < nseq; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return sq.q[x + 1] - sq.q[x] > sq.q[y + 1] - sq.q[y];
+  });
+  for (int64_t b : order)
+    for (int64_t i0 = 0; i0 < sq.q[b + 1] - sq.q[b]; i0 += a.bq) tasks.emplace_back(b, i0);
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  dynamic_for((int64_t)tasks.size() * H, [&](int64_t t) {
+    thread_local Work w;
+    const auto [b, i0] = tasks[t / H];
+    const int64_t h = t % H, q0 = sq.q[b], k0 = sq.k[b];
+    Args s = a;  // the sequence as a dense [1, H, Lq, D] problem
+    s.Lq = sq.q[b + 1] - q0;
+    s.Lk = sq.k[b + 1] - k0;
+    s.q = a.q + q0 * a.qs[2];
+    s.k = static_cast<const char*>(a.k) + k0 * a.ks[2] * esize;
+    s.v = static_cast<const char*>(a.v) + k0 * a.vs[2] * esize;
+    s.g = make_attn_geom(s.Lq, s.Lk, causal, true, window_left, window_right);
+    s.seed = (uint64_t)seq_seed(seed, (size_t)b);
+    const RowBlock rb{0, h / a.group, h, 1, i0, std::min(a.bq, s.Lq - i0)};
+    forward_block(s, rb, 0, s.Lk, w);
+    const int64_t row0 = h * T + q0 + i0;
+    for (int64_t r = 0; r < rb.nq; ++r)
+      finish_row(w.o.data() + r * Dv, w.m[r], w.l[r], op + (row0 + r) * Dv, lp + row0 + r, Dv);
+  });
+  return {out.permute({1, 0, 2}).to(query.scalar_type()).contiguous(), lse.t().contiguous()};
+}
+
+// varlen_attention_backward: per sequence on the dense backward (varlen.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out, const at::Tensor& lse,
+    double scale, bool causal, int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
+  return ::pyllm::varlen_backward(&attention_backward, grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse,
+                                  scale, causal, window_left, window_right, dropout_p, seed);
+}
 
 }  // namespace pyllm::cpu
 

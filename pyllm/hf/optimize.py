@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fused as _fused
 from . import norms as _norms
 from . import padfree as _padfree
 from .attention import NAME
@@ -23,6 +24,8 @@ class OptimizeReport:
     norms: Counter = field(default_factory=Counter)         # "Original -> pyllm.nn.X(style)" -> count
     skipped: Counter = field(default_factory=Counter)       # "ClassName: reason" -> count
     padding_free: list = field(default_factory=list)        # base models that run without pad tokens
+    fused: Counter = field(default_factory=Counter)         # "Class: what runs fused" -> count
+    not_fused: Counter = field(default_factory=Counter)     # "Class: why not" -> count (informational)
 
     @property
     def complete(self) -> bool:
@@ -37,6 +40,10 @@ class OptimizeReport:
             lines.append(f"  {v} x {k}")
         for k, v in sorted(self.skipped.items()):
             lines.append(f"  left unchanged: {v} x {k}")
+        for k, v in sorted(self.fused.items()):
+            lines.append(f"  fused: {v} x {k}")
+        for k, v in sorted(self.not_fused.items()):
+            lines.append(f"  not fused: {v} x {k}")
         if self.padding_free:
             lines.append(f"  padding-free (pad tokens removed once, attention per sequence): "
                          f"{', '.join(self.padding_free)}")
@@ -89,7 +96,7 @@ def _transformers_models(model):
 
 
 def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
-             padding_free: bool = True, warn: bool = True) -> torch.nn.Module:
+             padding_free: bool = True, fuse: bool = True, warn: bool = True) -> torch.nn.Module:
     """Run an already built transformers model on pyllm, in place; returns the model
     (``model = pyllm.hf.optimize(model)`` works, as with ``torch.compile``).
 
@@ -107,6 +114,11 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
       XLM-RoBERTa, ELECTRA, CamemBERT and DistilBERT models remove the pad tokens of a padded batch once and run
       every layer on the real tokens only (:mod:`pyllm.hf.padfree`); their ``last_hidden_state``
       holds zeros at pad positions.
+
+    * fused epilogues (``fuse=True``): encoder layers computing exactly BERT's ``SelfOutput`` /
+      ``Output`` (dense, residual add, LayerNorm) run the residual add + LayerNorm fused and in
+      place; ``Intermediate`` layers with a tanh GELU run bias + GELU fused
+      (:mod:`pyllm.hf.fused`).
 
     Outputs match the stock model to floating-point rounding. What it switched and what it left
     (and why) is an :class:`OptimizeReport`: ``pyllm.hf.report(model)`` or ``model.pyllm_report``;
@@ -174,6 +186,18 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
                     report.norms[f"{type(child).__name__} -> pyllm.nn.RMSNorm(style={rep.style!r})"] += 1
                 else:
                     report.skipped[f"{type(child).__name__}: {p[1]}"] += 1
+    state["fused"] = []
+    if fuse:
+        for m in model.modules():
+            p = _fused.plan(m)
+            if p is None or _fused.is_enabled(m):
+                continue
+            if p[0] == "skip":
+                report.not_fused[p[1]] += 1
+            else:
+                _fused.enable(m, p[0])
+                state["fused"].append(m)
+                report.fused[p[1]] += 1
     state["padfree"] = []
     if padding_free and attention and report.attention:
         for m in model.modules():
@@ -196,6 +220,8 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError("pyllm: revert(model) needs a model switched by pyllm.hf.optimize(model)")
     for m in state.get("padfree", []):
         _padfree.disable(m)
+    for m in state.get("fused", []):
+        _fused.disable(m)
     for parent, cname, original, rep in reversed(state["children"]):
         if rep.weight is not original.weight:  # parameters replaced meanwhile (e.g. load with assign=True)
             original.weight = rep.weight
