@@ -332,7 +332,9 @@ def write_markdown(path: str, info: dict, limits: MachineLimits, rows: list, qui
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if models_text:
-        lines += ["## Model-level benchmarks", "", models_text, ""]
+        from pyllm.tools.hf_bench import DESCRIPTION
+
+        lines += ["## Model-level benchmarks", "", DESCRIPTION, "", models_text, ""]
     lines += ["## Method", "", __doc__.split("Method (the same on CPU and CUDA):", 1)[1].split("Outputs:", 1)[0].strip(), ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
