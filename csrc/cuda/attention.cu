@@ -39,12 +39,18 @@ struct AttnParams {
   uint32_t drop_threshold;
   bool dropout;
   uint64_t seed;
+  const float* alibi;           // ALiBi slopes (fp32) [Hq] (alibi_bstride 0) or [B, Hq] (Hq); null if none
+  int64_t alibi_bstride;
 };
 
 template <typename M>
 __device__ __forceinline__ float masked_score(float s, const M* mask, const AttnParams& p, int64_t rid, int64_t i,
                                               int64_t j) {
   if (j < p.g.lo(i) || j >= p.g.hi(i)) return -INFINITY;
+  if (p.alibi) {  // -slope * |i + shift - j|, as FlashAttention
+    const int64_t bh = rid / p.Lq, pos = i + p.g.shift;
+    s -= p.alibi[(bh / p.Hq) * p.alibi_bstride + bh % p.Hq] * (float)(pos > j ? pos - j : j - pos);
+  }
   if constexpr (std::is_same_v<M, bool>) {
     return mask[p.mi.offset(rid) + j * p.mi.col_stride] ? s : -INFINITY;
   } else if constexpr (std::is_same_v<M, float>) {
@@ -347,6 +353,14 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return p;
 }
 
+// Returns the fp32 slopes (keeping them alive) and sets p.alibi; undefined when there are none.
+at::Tensor prepare_alibi(AttnParams& p, const std::optional<at::Tensor>& alibi, const at::Tensor& q) {
+  at::Tensor t = alibi_f32(alibi, p.B, p.Hq, q);
+  p.alibi = t.defined() ? t.data_ptr<float>() : nullptr;
+  p.alibi_bstride = t.defined() && t.dim() == 2 ? p.Hq : 0;
+  return t;
+}
+
 // Returns the expanded mask (bool or fp32) and sets p.mi; undefined when there is none.
 at::Tensor prepare_mask(AttnParams& p, const std::optional<at::Tensor>& mask, const at::Tensor& q) {
   if (!mask.has_value() || !mask->defined()) return {};
@@ -366,12 +380,14 @@ void with_mask(const at::Tensor& m, const F& f) {
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::Tensor& key,
                                              const at::Tensor& value, const std::optional<at::Tensor>& mask,
                                              double scale, bool causal, bool bottom_right, int64_t window_left,
-                                             int64_t window_right, double dropout_p, int64_t seed) {
+                                             int64_t window_right, double dropout_p, int64_t seed,
+                                             const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(query, key, value);
   PYLLM_DEVICE_GUARD(query);
   const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
   AttnParams p = make_params(q, k, v, scale, causal, bottom_right, window_left, window_right, dropout_p, seed);
   const at::Tensor m = prepare_mask(p, mask, query);
+  const at::Tensor al = prepare_alibi(p, alibi_slopes, query);
   at::Tensor out = at::empty({p.B, p.Hq, p.Lq, p.Dv}, query.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, query.options().dtype(at::kFloat));
   if (lse.numel() == 0) return {out, lse};
@@ -393,12 +409,14 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    bool bottom_right, int64_t window_left, int64_t window_right, double dropout_p, int64_t seed, bool mask_grad) {
+    bool bottom_right, int64_t window_left, int64_t window_right, double dropout_p, int64_t seed, bool mask_grad,
+    const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(query, key, value);
   PYLLM_DEVICE_GUARD(query);
   const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
   AttnParams p = make_params(q, k, v, scale, causal, bottom_right, window_left, window_right, dropout_p, seed);
   const at::Tensor m = prepare_mask(p, mask, query);
+  const at::Tensor al = prepare_alibi(p, alibi_slopes, query);
   const std::vector<int64_t> oshape{p.B, p.Hq, p.Lq, p.Dv};
   TORCH_CHECK(grad_out.sizes() == oshape && out.sizes() == oshape, "pyllm: grad_out and out must have shape ",
               oshape);

@@ -59,9 +59,30 @@ def attention_keep(lq: int, lk: int, device=None, is_causal: bool = False,
     return keep
 
 
+def alibi_bias(slopes: torch.Tensor, lq: int, lk: int, shift: int, dtype=None) -> torch.Tensor:
+    """ALiBi as a dense additive bias: ``-slope * |i + shift - j|`` for query i and key j, shaped
+    ``[*slopes.shape, lq, lk]`` (slopes ``[H]`` or ``[B, H]``). The kernels compute it on the fly."""
+    dtype = dtype or slopes.dtype
+    i = torch.arange(lq, device=slopes.device, dtype=dtype).unsqueeze(-1) + shift
+    j = torch.arange(lk, device=slopes.device, dtype=dtype)
+    return -slopes.to(dtype)[..., None, None] * (i - j).abs()
+
+
+def check_alibi(alibi_slopes, heads: int, batch_shapes, ref, ref_name: str) -> None:
+    """ALiBi slopes: a floating tensor of shape [heads] or [*batch, heads] on ``ref``'s device."""
+    if alibi_slopes is None:
+        return
+    check_float(alibi_slopes, "alibi_slopes")
+    check_same_device(alibi_slopes, "alibi_slopes", ref, ref_name)
+    shapes = [[heads]] + [[*b, heads] for b in batch_shapes]
+    if list(alibi_slopes.shape) not in shapes:
+        raise ValueError(f"pyllm: alibi_slopes must have shape {' or '.join(map(str, shapes))} (one slope per query "
+                         f"head), got {list(alibi_slopes.shape)}")
+
+
 def reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
               scale=None, enable_gqa=False, causal_alignment="top_left",
-              sliding_window=None, return_lse=False):
+              sliding_window=None, return_lse=False, alibi_slopes=None):
     """Attention as ``F.scaled_dot_product_attention`` ([..., H, L, D] layout), computed in
     fp32 (fp64 for fp64 inputs), with one difference: a query whose keys are all masked
     gets zeros, never NaN. ``attn_mask``: bool (True = attend) or additive float,
@@ -80,6 +101,10 @@ def reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         v = v.repeat_interleave(hq // hk, dim=-3)
     d = q.shape[-1]
     s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d) if scale is None else scale)
+    if alibi_slopes is not None:
+        lq, lk = q.shape[-2], k.shape[-2]
+        shift = lk - lq if causal_alignment == "bottom_right" else 0
+        s = s + alibi_bias(alibi_slopes.detach(), lq, lk, shift, s.dtype)
     keep = attention_keep(q.shape[-2], k.shape[-2], q.device, is_causal, causal_alignment, sliding_window)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -150,27 +175,33 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, causal_alignment: str = "top_left",
-                                 sliding_window: Optional[tuple] = None) -> torch.Tensor:
+                                 sliding_window: Optional[tuple] = None,
+                                 alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` ([..., H, L, D]).
 
     Differences and extras: a query whose keys are all masked gets zeros, never NaN;
     ``causal_alignment="bottom_right"`` aligns the causal mask to the end of the keys
     (decoding with a KV cache, Lq < Lk); ``sliding_window=(left, right)`` restricts each
     query to nearby keys (-1 = unbounded). Masks may have any broadcastable shape/strides.
+    ``alibi_slopes`` (``[Hq]`` or ``[*batch, Hq]``, as FlashAttention) adds ``-slope * |i + shift - j|``
+    to the scaled scores, computed in the kernel (shift = Lk - Lq with bottom-right alignment, else
+    0); the slopes get no gradient.
     """
     _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                 causal_alignment, sliding_window)
+    check_alibi(alibi_slopes, query.shape[-3], [query.shape[:-3]] if query.dim() > 3 else [], query, "query")
     dmax = max(query.shape[-1], value.shape[-1])
     d = backends.select("scaled_dot_product_attention", (query, key, value, attn_mask), LIMITS, (dmax,),
                         typed=(query, key, value))
     if d.uses_kernel:
         return _kernel(d.ns, query, key, value, attn_mask, dropout_p, is_causal, scale,
-                       causal_alignment, sliding_window)
+                       causal_alignment, sliding_window, alibi_slopes)
     return reference(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                     enable_gqa, causal_alignment, sliding_window)
+                     enable_gqa, causal_alignment, sliding_window, alibi_slopes=alibi_slopes)
 
 
-def _kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale, causal_alignment, sliding_window):
+def _kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale, causal_alignment, sliding_window,
+            alibi_slopes=None):
     """Runs ``ns.attention`` on [B, H, L, D] views of the arguments (leading dims flattened)."""
     lead = query.shape[:-3]
     hq, lq, d = query.shape[-3:]
@@ -189,13 +220,17 @@ def _kernel(ns, query, key, value, attn_mask, dropout_p, is_causal, scale, causa
         q, k, v = query, key, value
     if mask is not None and mask.dtype == torch.float64:
         mask = mask.float()
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = alibi_slopes.detach().float()
+        alibi = alibi.reshape(-1, hq) if alibi.dim() > 1 else alibi
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     wl, wr = (-1, -1) if sliding_window is None else (int(sliding_window[0]), int(sliding_window[1]))
     seed = 0
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (), device="cpu").item())
     out = run(ns.attention, (q, k, v, mask), q, k, v, mask, scale, bool(is_causal),
-              causal_alignment == "bottom_right", wl, wr, float(dropout_p), seed)[0]
+              causal_alignment == "bottom_right", wl, wr, float(dropout_p), seed, alibi)[0]
     return out.reshape(*lead, hq, lq, value.shape[-1])
 
 
@@ -216,7 +251,7 @@ def torch_keep(lq: int, lk: int, shift: int, causal: bool, window, device=None) 
 
 
 def torch_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False, *, causal_alignment="top_left", sliding_window=None):
+                    enable_gqa=False, *, causal_alignment="top_left", sliding_window=None, alibi_slopes=None):
     """The plain torch baseline: ``F.scaled_dot_product_attention`` with causality and the window
     folded into an explicit bool mask; queries whose keys are all masked set to zero (SDPA gives NaN)."""
     lq, lk = query.shape[-2], key.shape[-2]
@@ -225,6 +260,17 @@ def torch_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
         shift = lk - lq if causal_alignment == "bottom_right" else 0
         keep = torch_keep(lq, lk, shift, is_causal, sliding_window, query.device)
     mask = attn_mask
+    if alibi_slopes is not None:  # ALiBi as an explicit float bias, built with tensor ops apart from the reference
+        shift = lk - lq if causal_alignment == "bottom_right" else 0
+        pos = torch.arange(lq, device=query.device).unsqueeze(-1) + shift
+        dist = (pos - torch.arange(lk, device=query.device)).abs().to(torch.float64)
+        bias = (-(alibi_slopes.detach().to(torch.float64).unsqueeze(-1).unsqueeze(-1)) * dist)
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = bias.masked_fill(~mask, float("-inf"))
+        else:
+            mask = mask.to(torch.float64) + bias
     if keep is not None:
         if mask is None:
             mask = keep
@@ -246,43 +292,43 @@ def torch_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 # --------------------------------------------------------------------------- fakes + autograd
 SCHEMAS = {
     "attention": "(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale, bool causal, "
-                 "bool bottom_right, int window_left, int window_right, float dropout_p, int seed) "
-                 "-> (Tensor, Tensor)",
+                 "bool bottom_right, int window_left, int window_right, float dropout_p, int seed, "
+                 "Tensor? alibi_slopes=None) -> (Tensor, Tensor)",
     "attention_backward": "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? mask, Tensor out, "
                           "Tensor lse, float scale, bool causal, bool bottom_right, int window_left, "
-                          "int window_right, float dropout_p, int seed, bool mask_grad) "
-                          "-> (Tensor, Tensor, Tensor, Tensor)",
+                          "int window_right, float dropout_p, int seed, bool mask_grad, "
+                          "Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 
 def _register(ns: str, lib) -> None:
     @torch.library.register_fake(f"{ns}::attention")
-    def _(q, k, v, mask, scale, causal, bottom_right, wl, wr, dropout_p, seed):
+    def _(q, k, v, mask, scale, causal, bottom_right, wl, wr, dropout_p, seed, alibi=None):
         torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "attention expects 4-D q/k/v")
         b, hq, lq, _d = q.shape
         return empty((b, hq, lq, v.shape[-1]), q), empty((b, hq, lq), q, torch.float32)
 
     @torch.library.register_fake(f"{ns}::attention_backward")
-    def _(gout, q, k, v, mask, out, lse, scale, causal, bottom_right, wl, wr, dropout_p, seed, mask_grad):
+    def _(gout, q, k, v, mask, out, lse, scale, causal, bottom_right, wl, wr, dropout_p, seed, mask_grad, alibi=None):
         b, hq, lq, _d = q.shape
         want = mask_grad and mask is not None and mask.dtype != torch.bool
         dmask = empty((b, hq, lq, k.shape[-2]), q, torch.float32) if want else empty((0,), q, torch.float32)
         return empty(q.shape, q), empty(k.shape, k), empty(v.shape, v), dmask
 
     def setup(ctx, inputs, output):
-        q, k, v, mask, scale, causal, bottom_right, wl, wr, dropout_p, seed = inputs
+        q, k, v, mask, scale, causal, bottom_right, wl, wr, dropout_p, seed, alibi = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.save_for_backward(q, k, v, mask, out, lse, alibi)
         ctx.args = (scale, causal, bottom_right, wl, wr, dropout_p, seed)
 
     def backward(ctx, gout, _glse):
-        q, k, v, mask, out, lse = ctx.saved_tensors
+        q, k, v, mask, out, lse, alibi = ctx.saved_tensors
         want_mask = bool(ctx.needs_input_grad[3]) and mask is not None and mask.dtype != torch.bool
         if gout is None:
             gout = torch.zeros_like(out)
-        dq, dk, dv, dmask = lib.attention_backward(gout, q, k, v, mask, out, lse, *ctx.args, want_mask)
+        dq, dk, dv, dmask = lib.attention_backward(gout, q, k, v, mask, out, lse, *ctx.args, want_mask, alibi)
         dm = dmask.sum_to_size(mask.shape).to(mask.dtype) if want_mask else None
-        return dq, dk, dv, dm, None, None, None, None, None, None, None
+        return dq, dk, dv, dm, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"{ns}::attention", backward, setup_context=setup)
 
@@ -307,6 +353,13 @@ def samples(device="cpu", dtype=torch.float32, requires_grad=False):
     q, k, v = qkv(1, 2, 2, 17, 17, 16)
     bias = torch.randn(1, 2, 17, 17, generator=g).to(device, dtype)
     out.append(Sample((q, k, v, bias), dict(sliding_window=(4, 2)), desc="additive mask, window (4, 2)"))
+    q, k, v = qkv(2, 4, 2, 5, 40, 32)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]).to(device)
+    out.append(Sample((q, k, v), dict(is_causal=True, enable_gqa=True, causal_alignment="bottom_right",
+                                      alibi_slopes=slopes), desc="ALiBi [H], bottom-right causal, GQA"))
+    q, k, v = qkv(2, 2, 2, 33, 33, 16)
+    out.append(Sample((q, k, v), dict(alibi_slopes=torch.rand(2, 2, generator=g).to(device)),
+                      desc="ALiBi [B, H], no causal mask"))
     return out
 
 
@@ -319,7 +372,8 @@ def native_samples():
     return {
         "attention": [(q, k, v, None, 0.35, True, False, -1, -1, 0.0, 0),
                       (q, k, v, keep, 0.35, False, False, 2, -1, 0.0, 0),
-                      (q, k, v, torch.randn(1, 2, 5, 5, **g), 0.35, False, True, -1, -1, 0.0, 0)],
+                      (q, k, v, torch.randn(1, 2, 5, 5, **g), 0.35, False, True, -1, -1, 0.0, 0),
+                      (q, k, v, keep, 0.35, True, True, -1, -1, 0.0, 0, torch.tensor([0.5, 0.25]))],
         "attention_backward": [(torch.randn(1, 2, 5, 8), q.detach(), k.detach(), v.detach(), None, out, lse,
                                 0.35, True, False, -1, -1, 0.0, 0, False)],
     }
@@ -341,6 +395,11 @@ def bad_inputs():
         BadInput(lambda: sdpa(q, q, q, causal_alignment="bottom"), ValueError, "causal_alignment must be",
                  "alignment"),
         BadInput(lambda: sdpa(q, q, q, sliding_window=3), TypeError, "sliding_window must be a", "window"),
+        BadInput(lambda: sdpa(q, q, q, alibi_slopes=torch.ones(3)), ValueError,
+                 r"alibi_slopes must have shape \[2\] or \[1, 2\] \(one slope per query head\), got \[3\]",
+                 "alibi shape"),
+        BadInput(lambda: sdpa(q, q, q, alibi_slopes=torch.ones(2, dtype=torch.int32)), TypeError,
+                 "alibi_slopes must be a floating tensor", "alibi dtype"),
     ]
 
 

