@@ -179,3 +179,68 @@ def test_fused_bias_gelu_tanh_matches_stock(monkeypatch):
         ours, ref, bas = (x(input_ids=ids, attention_mask=am).last_hidden_state for x in (m, oracle, base))
     assert len(calls) == cfg.num_hidden_layers
     assert_close_to_ref(ours[keep], ref[keep], bas[keep], name="bert (tanh GELU) fused")
+
+
+# ----------------------------------------------------------------------------- decoders: packed prefill
+DECODERS = ["gpt2", "llama", "mistral", "mistral-wide", "qwen2"]
+
+
+def _decoder(arch):
+    """tiny_model's decoders; "mistral" has a 4-token sliding window (shorter than the batches here: its
+    prefill stays on the stock path), "mistral-wide" a 64-token one (packed)."""
+    if arch == "mistral-wide":
+        m = T.MistralForCausalLM(tiny_config("mistral", sliding_window=64, attn_implementation="sdpa"))
+        torch.manual_seed(0)
+        return T.MistralForCausalLM(m.config).eval()
+    return tiny_model(arch, "sdpa")
+
+
+def _left_padded(model, lens, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 400, (len(lens), length), generator=g)
+    am = torch.ones_like(ids)
+    for i, n in enumerate(lens):
+        am[i, : length - n] = 0
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    return ids.masked_fill(am == 0, pad), am, pad
+
+
+@pytest.mark.parametrize("lens", [[12, 5, 1, 9], [12, 12], [7]], ids=["left-padded", "no-padding", "batch-of-1"])
+@pytest.mark.parametrize("arch", DECODERS)
+def test_decoder_packed_prefill_generates_stock_tokens(arch, lens, monkeypatch):
+    base = _decoder(arch)
+    m = pyllm.hf.optimize(copy.deepcopy(base))
+    inner = m.base_model
+    assert padfree.is_enabled(inner) and type(inner).__name__ in m.pyllm_report.padding_free
+    ids, am, pad = _left_padded(m, lens)
+    seen = []
+    orig = pyllm.functional.varlen_attention
+    monkeypatch.setattr(pyllm.functional, "varlen_attention", lambda q, *a, **k: seen.append(q.shape[0]) or orig(q, *a, **k))
+    with torch.no_grad():
+        want = base.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+        got = m.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+    assert torch.equal(got, want)  # greedy generation token-identical
+    packed = not bool(am.bool().all()) and arch != "mistral"  # mistral: window 4 < 12 tokens
+    # the prefill ran packed (real tokens only, every layer) exactly when there was padding
+    assert seen == ([int(am.sum())] * base.config.num_hidden_layers if packed else [])
+
+
+@pytest.mark.parametrize("arch", [a for a in DECODERS if a != "mistral"])
+def test_decoder_packed_prefill_logits_and_cache(arch):
+    base = _decoder(arch)
+    m = pyllm.hf.optimize(copy.deepcopy(base))
+    oracle = copy.deepcopy(base).double()
+    ids, am, _ = _left_padded(m, [12, 5, 1, 9], seed=3)
+    keep = am.bool()
+    with torch.no_grad():
+        ours, ref, bas = (x(input_ids=ids, attention_mask=am, use_cache=True) for x in (m, oracle, base))
+    assert_close_to_ref(ours.logits[keep], ref.logits[keep], bas.logits[keep], name=f"{arch} prefill logits")
+    # the cache holds the stock padded layout; real positions equal the stock keys/values
+    for lo, lr, lb in zip(ours.past_key_values.layers, ref.past_key_values.layers, bas.past_key_values.layers):
+        assert lo.keys.shape == lb.keys.shape and lo.values.shape == lb.values.shape
+        k4 = keep[:, None, :, None].expand_as(lo.keys)
+        assert_close_to_ref(lo.keys[k4], lr.keys[k4], lb.keys[k4], name=f"{arch} cached keys")
+        assert_close_to_ref(lo.values[k4], lr.values[k4], lb.values[k4], name=f"{arch} cached values")
+        assert torch.equal(lo.keys[~k4], torch.zeros_like(lo.keys[~k4]))
+    pyllm.hf.revert(m)
+    assert not padfree.is_enabled(m.base_model) and "forward" not in m.base_model.__dict__
