@@ -11,6 +11,12 @@
 namespace pyllm::cpu {
 namespace {
 
+// Raw 16-bit words of a bf16 (or any 16-bit) element pointer, for the row primitives.
+template <typename T>
+uint16_t* bf16_bits(T* p) { return reinterpret_cast<uint16_t*>(p); }
+template <typename T>
+const uint16_t* bf16_bits(const T* p) { return reinterpret_cast<const uint16_t*>(p); }
+
 const float* opt_float_ptr(const std::optional<at::Tensor>& t, at::Tensor& holder) {
   if (!t.has_value() || !t->defined()) return nullptr;
   holder = t->to(at::kFloat).contiguous();
@@ -78,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
   at::Tensor wh, bh;
   const float* w = opt_float_ptr(weight, wh);
   const float* b = opt_float_ptr(bias, bh);
+  const bool is_bf16 = input.scalar_type() == at::kBFloat16;
   PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_add_layer_norm_cpu", [&] {
     const scalar_t* x = input.data_ptr<scalar_t>();
     const scalar_t* res = residual.data_ptr<scalar_t>();
@@ -88,9 +95,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
     at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       std::vector<float> xb(n), rb(n), sb(n), yb(n);
       for (int64_t r = begin; r < end; ++r) {
+        float* sr = sb.data();
+        if (is_bf16) {  // one fused pass: convert, add, round, sum (the in-place op's exact path)
+          const float mu = (float)(row::add_bf16_sum(bf16_bits(x + r * n), bf16_bits(res + r * n), sr, n) / (double)n);
+          const float rs = 1.f / std::sqrt(row::sq_dev_sum(sr, n, mu) / (float)n + (float)eps);
+          row::float_to_bf16(sr, bf16_bits(s + r * n), n);  // exact: already rounded
+          row::layer_norm_bf16(sr, bf16_bits(y + r * n), n, mu, rs, w, b);
+          mp[r] = mu;
+          rp[r] = rs;
+          continue;
+        }
         const float* xr = load_row(x + r * n, xb.data(), n);
         const float* rr = load_row(res + r * n, rb.data(), n);
-        float* sr = sb.data();
         row::add(xr, rr, sr, n);
         store_row(sr, s + r * n, n);
         // Normalize the sum as stored (rounded to the input dtype), as add + layer_norm does.
@@ -132,6 +148,13 @@ void add_layer_norm_inplace(at::Tensor& input, const at::Tensor& residual_,
     at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       std::vector<float> xb(n), rb(n), sb(n);
       for (int64_t r = begin; r < end; ++r) {
+        if (st == at::kBFloat16) {  // the out-of-place op's bf16 path, written into x
+          float* sr = sb.data();
+          const float mu = (float)(row::add_bf16_sum(bf16_bits(x + r * n), bf16_bits(res + r * n), sr, n) / (double)n);
+          const float rs = 1.f / std::sqrt(row::sq_dev_sum(sr, n, mu) / (float)n + (float)eps);
+          row::layer_norm_bf16(sr, bf16_bits(x + r * n), n, mu, rs, w, b);
+          continue;
+        }
         const float* xr = load_row(x + r * n, xb.data(), n);
         const float* rr = load_row(res + r * n, rb.data(), n);
         float* sr = sb.data();

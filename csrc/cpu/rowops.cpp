@@ -229,10 +229,36 @@ PYLLM_MULTIVERSION float sum(const float* x, int64_t n) {
   }
   return (float)total;
 }
+// Fused bf16 residual add: s = bf16(x + r) as fp32 (the sum rounded as a bf16 `x + r` stores it);
+// returns sum(s) (fp32 blocks, fp64 across blocks, like sum()). One pass instead of four.
+PYLLM_MULTIVERSION double add_bf16_sum(const uint16_t* x, const uint16_t* r, float* s, int64_t n) {
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+    float acc = 0.f;
+    SIMD_SUM for (int64_t i = b0; i < b1; ++i) {
+      const float v = bf2f(f2bf(bf2f(x[i]) + bf2f(r[i])));
+      s[i] = v;
+      acc += v;
+    }
+    total += acc;
+  }
+  return total;
+}
 PYLLM_MULTIVERSION float mean(const float* x, int64_t n) {
-  double acc = 0.0;
-  SIMD_SUM for (int64_t i = 0; i < n; ++i) acc += (double)x[i];
-  return (float)(acc / (double)n);
+  // Shifted by the row's first value (the pivot), so the fp32 partial sums hold only the spread
+  // around it and keep their low bits when |mean| >> std; fp32 blocks, fp64 across blocks. (A
+  // plain fp64 accumulation here was not vectorized by GCC on AVX2: a scalar loop in every
+  // LayerNorm row.)
+  const float pivot = x[0];
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+    float acc = 0.f;
+    SIMD_SUM for (int64_t i = b0; i < b1; ++i) acc += x[i] - pivot;
+    total += acc;
+  }
+  return (float)((double)pivot + total / (double)n);
 }
 PYLLM_MULTIVERSION float sq_dev_sum(const float* x, int64_t n, float mean) {
   double total = 0.0;
@@ -285,6 +311,19 @@ PYLLM_MULTIVERSION void layer_norm(const float* x, float* y, int64_t n, float me
     SIMD for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd + b[i];
   } else {
     SIMD for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd;
+  }
+}
+// layer_norm() with the output rounded to bf16 in the same pass.
+PYLLM_MULTIVERSION void layer_norm_bf16(const float* x, uint16_t* y, int64_t n, float mean, float rstd,
+                                        const float* w, const float* b) {
+  if (w && b) {
+    SIMD for (int64_t i = 0; i < n; ++i) y[i] = f2bf((x[i] - mean) * rstd * w[i] + b[i]);
+  } else if (w) {
+    SIMD for (int64_t i = 0; i < n; ++i) y[i] = f2bf((x[i] - mean) * rstd * w[i]);
+  } else if (b) {
+    SIMD for (int64_t i = 0; i < n; ++i) y[i] = f2bf((x[i] - mean) * rstd + b[i]);
+  } else {
+    SIMD for (int64_t i = 0; i < n; ++i) y[i] = f2bf((x[i] - mean) * rstd);
   }
 }
 PYLLM_MULTIVERSION void scale(const float* x, float* y, int64_t n, float s) {

@@ -26,6 +26,11 @@ float dot(const float* a, const float* b, int64_t n);
 float max(const float* x, int64_t n);
 void add(const float* a, const float* b, float* out, int64_t n);
 
+// s = bf16(bf16 x + bf16 r) as fp32; returns sum(s) (fp64 across fp32 blocks)
+double add_bf16_sum(const uint16_t* x, const uint16_t* r, float* s, int64_t n);
+// layer_norm() written as bf16
+void layer_norm_bf16(const float* x, uint16_t* y, int64_t n, float mean, float rstd, const float* w,
+                     const float* b);
 // y = (x - mean) * rstd * (w ? w : 1) + (b ? b : 0)
 void layer_norm(const float* x, float* y, int64_t n, float mean, float rstd, const float* w,
                 const float* b);
