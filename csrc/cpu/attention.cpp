@@ -262,8 +262,13 @@ void forward_block(const Args& a, const RowBlock& rb, int64_t kbeg, int64_t kend
       float* sr = s + r * n;
       const int64_t h = rb.head(r), i = rb.query(r), rid = a.row_id(rb.b, h, i);
       float mnew = kNegInf;
-      if (mask_row(a, sr, rid, i, k0, n)) mnew = std::max(m[r], row::max(sr, n));
+      const bool visible = mask_row(a, sr, rid, i, k0, n);
+      if (visible) mnew = std::max(m[r], row::max(sr, n));
       if (mnew == kNegInf) {
+        // Nothing visible so far, or only NaN scores (row::max skips NaN): a NaN makes l NaN, so
+        // the row comes out NaN as torch's softmax gives it; otherwise it stays a masked row.
+        if (visible && std::any_of(sr, sr + n, [](float v) { return v != v; }))
+          l[r] = std::numeric_limits<float>::quiet_NaN();
         std::fill(sr, sr + n, 0.f);
         continue;
       }
@@ -285,9 +290,10 @@ void forward_block(const Args& a, const RowBlock& rb, int64_t kbeg, int64_t kend
   }
 }
 
-// out[row] = o / l, lse = m + log(l) (zeros / -inf when nothing was visible).
+// out[row] = o / l, lse = m + log(l) (zeros / -inf when nothing was visible). A NaN score (a NaN
+// in q or k) makes l NaN: the row comes out NaN, as torch's softmax gives it, never zeros.
 void finish_row(const float* o, float m, float l, float* out, float* lse, int64_t Dv) {
-  if (l > 0.f) {
+  if (l > 0.f || l != l) {
     row::scale(o, out, Dv, 1.f / l);
     *lse = m + std::log(l);
   } else {

@@ -2,6 +2,8 @@
 // masks of any broadcastable shape and strides (never materialized), top-left causal
 // masking, and zeros (not NaN) for fully-masked rows. One pass over the input per row.
 #include <ATen/ATen.h>
+
+#include <algorithm>
 #include <torch/library.h>
 
 #include <limits>
@@ -60,12 +62,18 @@ void softmax_rows(const at::Tensor& input, const at::Tensor& mask_full, const Ro
       const float mx = masked_scores<T, M>(x + r * n, mrow, mi.col_stride, valid, scale, buf.data());
       // fp32 output is written in place; other dtypes go through buf.
       float* yr = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * n) : buf.data();
-      if (mx == kNegInf) {  // fully masked (or all -inf): zeros
-        std::fill(yr, yr + n, 0.f);
+      constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+      if (mx == kNegInf) {  // fully masked (or all -inf): zeros; all visible scores NaN: NaN
+        const bool nan = std::any_of(buf.data(), buf.data() + valid, [](float v) { return v != v; });
+        std::fill(yr, yr + n, nan ? kNaN : 0.f);
       } else {
         const float s = row::exp_sub_sum(buf.data(), buf.data(), valid, mx);
-        row::scale(buf.data(), yr, valid, 1.f / s);
-        std::fill(yr + valid, yr + n, 0.f);
+        if (s != s) {  // a visible NaN score: the whole row is NaN, masked positions too (as torch)
+          std::fill(yr, yr + n, kNaN);
+        } else {
+          row::scale(buf.data(), yr, valid, 1.f / s);
+          std::fill(yr + valid, yr + n, 0.f);
+        }
       }
       store_row(yr, y + r * n, n);
     }

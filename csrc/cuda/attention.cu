@@ -124,6 +124,9 @@ __global__ void attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k
       s = masked_score(acc, mask, p, rid, i, j);
     }
     const float mnew = fmaxf(m, warp_max(s));
+    // fmaxf skips NaN: a tile of only NaN scores (a NaN query) would look fully masked. Make l NaN
+    // so the row comes out NaN, as torch's softmax gives it (masked rows stay zeros).
+    if (mnew == -INFINITY && __any_sync(kFullMask, s != s)) l = NAN;
     float e = 0.f;
     if (mnew != -INFINITY && s != -INFINITY) e = expf(s - mnew);
     const float alpha = (m == -INFINITY) ? 0.f : expf(m - mnew);
@@ -147,13 +150,14 @@ __global__ void attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k
     }
   }
   if (active) {
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const bool seen = l > 0.f || l != l;  // something visible (or a NaN score)
+    const float inv = seen ? 1.f / l : 0.f;
 #pragma unroll
     for (int c = 0; c < kMaxChunks; ++c) {
       const int64_t d = lane + c * kWarpSize;
       if (d < p.Dv) out[rid * p.Dv + d] = store_float<T>(o[c] * inv);
     }
-    if (lane == 0) lse[rid] = l > 0.f ? m + logf(l) : -INFINITY;
+    if (lane == 0) lse[rid] = seen ? m + logf(l) : -INFINITY;
   }
 }
 

@@ -33,10 +33,16 @@ __global__ void masked_softmax_fwd_kernel(const T* __restrict__ x, const M* __re
   const int64_t base = active ? team.row * n : 0;
   const int64_t mbase = active ? mi.offset(team.row) : 0;
   const int64_t valid = !active ? 0 : (causal ? (team.row % lq + 1 < n ? team.row % lq + 1 : n) : n);
-  float mx = -INFINITY;
-  for (int64_t j = team.tid; j < valid; j += team.size)
-    mx = fmaxf(mx, apply_mask(load_float(x[base + j]) * scale, mask, mbase + j * mi.col_stride));
+  float mx = -INFINITY, nans = 0.f;
+  for (int64_t j = team.tid; j < valid; j += team.size) {
+    const float s = apply_mask(load_float(x[base + j]) * scale, mask, mbase + j * mi.col_stride);
+    if (s != s) nans += 1.f;  // fmaxf drops NaN: count them apart
+    else mx = fmaxf(mx, s);
+  }
   mx = team.max(mx);
+  // A visible NaN score makes the whole row NaN, as torch's softmax does (never zeros: only rows
+  // whose keys are all masked get zeros).
+  if (team.sum(nans) > 0.f) mx = NAN;
   float acc = 0.f;
   if (mx != -INFINITY) {
     for (int64_t j = team.tid; j < valid; j += team.size) {
@@ -45,11 +51,13 @@ __global__ void masked_softmax_fwd_kernel(const T* __restrict__ x, const M* __re
     }
   }
   const float total = team.sum(acc);
-  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const float inv = (total > 0.f || total != total) ? 1.f / total : 0.f;
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
       float p = 0.f;
-      if (j < valid && mx != -INFINITY) {
+      if (mx != mx) {
+        p = NAN;  // a NaN row: NaN everywhere, masked positions included (as torch)
+      } else if (j < valid && mx != -INFINITY) {
         const float s = apply_mask(load_float(x[base + j]) * scale, mask, mbase + j * mi.col_stride);
         p = (s == -INFINITY) ? 0.f : expf(s - mx) * inv;
       }
