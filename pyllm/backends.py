@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -59,7 +60,12 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-_STACK: list[str] = []
+class _Local(threading.local):
+    def __init__(self):
+        self.stack: list[str] = []  # use_backend() nesting, per thread
+
+
+_LOCAL = _Local()
 _LAST: dict[str, Decision] = {}
 
 
@@ -128,19 +134,22 @@ if _DEFAULT not in _REGISTRY:
 
 
 def current_backend() -> str:
-    return _STACK[-1] if _STACK else _DEFAULT
+    stack = _LOCAL.stack
+    return stack[-1] if stack else _DEFAULT
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the enclosed pyllm calls on backend ``name`` (see module docstring)."""
+    """Run the enclosed pyllm calls on backend ``name`` (see module docstring). The choice is per
+    thread: other threads keep theirs."""
     if name not in _REGISTRY:
         raise ValueError(f"pyllm: unknown backend {name!r}; choose one of {available_backends()}")
-    _STACK.append(name)
+    stack = _LOCAL.stack
+    stack.append(name)
     try:
         yield
     finally:
-        _STACK.pop()
+        stack.pop()
 
 
 def _dname(dtype) -> str:
