@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as TF
 
 from .. import functional as PF
+from .. import nn as pnn
 from .norms import _class_program
 
 _ORIG = "_pyllm_fused"
@@ -95,8 +96,8 @@ def _add_ln_forward(self, hidden_states, input_tensor):
             or not (_plain(ln) and _plain(dense) and _plain(self.dropout)) or input_tensor.shape[-1] != ln.normalized_shape[-1]:
         return type(self).forward(self, hidden_states, input_tensor)
     h = dense(hidden_states)  # a fresh tensor: safe to overwrite
-    if h.dtype != input_tensor.dtype:  # (mixed dtypes: stock promotion rules apply)
-        return type(self).forward(self, hidden_states, input_tensor)
+    if h.dtype != input_tensor.dtype or any(p is not None and p.dtype != h.dtype for p in (ln.weight, ln.bias)):
+        return ln(h + input_tensor)  # mixed dtypes: the stock program on h (dropout is off here)
     if _grad_needed(h, input_tensor, ln.weight, ln.bias):
         return PF.add_layer_norm(h, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps)[0]
     return PF.add_layer_norm_(h, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
@@ -111,7 +112,7 @@ def _bias_gelu_forward(self, hidden_states):
     return PF.bias_gelu(TF.linear(hidden_states, dense.weight), dense.bias, approximate="tanh")
 
 
-_LAYER_NORMS = ()
+_LAYER_NORMS = (torch.nn.LayerNorm, pnn.LayerNorm)  # what optimize() leaves in the layers
 
 
 def plan(module):
@@ -133,11 +134,6 @@ def plan(module):
 
 
 def enable(module, kind) -> None:
-    global _LAYER_NORMS
-    if not _LAYER_NORMS:
-        from .. import nn as pnn
-
-        _LAYER_NORMS = (torch.nn.LayerNorm, pnn.LayerNorm)
     fwd = _add_ln_forward if kind == "add_layer_norm" else _bias_gelu_forward
     module.forward = types.MethodType(fwd, module)
     setattr(module, _ORIG, kind)
