@@ -1,4 +1,4 @@
-"""Command line: ``python -m pyllm {info,demo,bench,gpu-check,train-demo}``.
+"""Command line: ``python -m pyllm {info,demo,bench,gpu-check,train-demo,soak}``.
 
 Everything but ``info`` is tooling in :mod:`pyllm.tools`, imported only when its command runs."""
 from __future__ import annotations
@@ -29,6 +29,10 @@ def main(argv=None) -> int:
     t = sub.add_parser("train-demo", help="train a tiny decoder-only LM and a classifier")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--out", default="train_demo_out")
+    s = sub.add_parser("soak", help="every op forward+backward for N seconds, reporting RSS (leak check)")
+    s.add_argument("--seconds", type=float, default=60.0)
+    s.add_argument("--hf-cycles", type=int, default=200, help="pyllm.hf.optimize + revert cycles (0 = skip)")
+    s.add_argument("--max-growth-mib", type=float, default=8.0, help="fail above this RSS growth after warm-up")
     args = p.parse_args(argv)
 
     if args.cmd == "info":
@@ -51,6 +55,10 @@ def main(argv=None) -> int:
         from .tools.gpu_check import main as gpu_main
 
         return gpu_main(args)
+    if args.cmd == "soak":
+        from .tools.soak import main as soak_main
+
+        return soak_main(args)
     if args.cmd == "train-demo":
         from .tools.train_demo import main as train_main
 
