@@ -71,15 +71,8 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     return out.view(input.shape) if len(shape) > 1 else out
 
 
-def add_layer_norm(input: torch.Tensor, residual: torch.Tensor,
-                   normalized_shape: Union[int, Sequence[int]],
-                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused residual add + LayerNorm: returns ``(layer_norm(input + residual), input + residual)``.
-
-    The sum is rounded to the input dtype before normalizing, exactly like
-    ``s = input + residual; F.layer_norm(s, ...)``, but in one pass over memory.
-    """
+def _check_add(input, residual, normalized_shape, weight, bias, eps) -> tuple:
+    """The argument checks of add_layer_norm and add_layer_norm_; returns the normalized shape."""
     check_float(input, "input")
     check_float(residual, "residual")
     check_same_device(residual, "residual", input)
@@ -92,6 +85,19 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor,
     check_param(weight, "weight", input, shape)
     check_param(bias, "bias", input, shape)
     check_number(eps, "eps")
+    return shape
+
+
+def add_layer_norm(input: torch.Tensor, residual: torch.Tensor,
+                   normalized_shape: Union[int, Sequence[int]],
+                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add + LayerNorm: returns ``(layer_norm(input + residual), input + residual)``.
+
+    The sum is rounded to the input dtype before normalizing, exactly like
+    ``s = input + residual; F.layer_norm(s, ...)``, but in one pass over memory.
+    """
+    shape = _check_add(input, residual, normalized_shape, weight, bias, eps)
     x, r = flat(input, shape), flat(residual, shape)
     w, b = flat_param(weight, shape), flat_param(bias, shape)
     d = backends.select("add_layer_norm", (input, residual, weight, bias), LIMITS)
@@ -118,18 +124,7 @@ def add_layer_norm_(input: torch.Tensor, residual: torch.Tensor,
     :func:`add_layer_norm` for training. A non-contiguous ``input`` is computed out of place and
     copied back.
     """
-    check_float(input, "input")
-    check_float(residual, "residual")
-    check_same_device(residual, "residual", input)
-    if residual.shape != input.shape:
-        raise ValueError(f"pyllm: residual must have the input's shape {list(input.shape)}, "
-                         f"got {list(residual.shape)} (no broadcasting)")
-    if residual.dtype != input.dtype:
-        raise TypeError(f"pyllm: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
-    shape = normalized(input, normalized_shape)
-    check_param(weight, "weight", input, shape)
-    check_param(bias, "bias", input, shape)
-    check_number(eps, "eps")
+    shape = _check_add(input, residual, normalized_shape, weight, bias, eps)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (input, residual, weight, bias)):
         raise RuntimeError("pyllm: add_layer_norm_ writes input in place and has no backward; an argument "
