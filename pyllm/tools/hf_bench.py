@@ -181,6 +181,22 @@ def ort_baseline(model: torch.nn.Module, inputs: Dict[str, torch.Tensor], thread
                  f"intra_op_num_threads={threads}")
 
 
+def _time_encoders(models: Dict[str, torch.nn.Module], feed: Dict[str, torch.Tensor], mask: torch.Tensor,
+                   reps: int):
+    """Every model (and ONNX Runtime, exported from the stock sdpa one) on ``feed``, interleaved:
+    median ms, largest difference to stock eager on real tokens, and how ORT was set up."""
+    ort_run, ort_how = ort_baseline(models["sdpa"], feed)
+    with torch.inference_mode():
+        outs = {k: m(**feed).last_hidden_state for k, m in models.items()}
+        fns = {k: (lambda m=m: m(**feed)) for k, m in models.items()}
+        if ort_run is not None:
+            outs[ORT] = ort_run(feed)
+            fns[ORT] = lambda: ort_run(feed)
+        diffs = {k: _max_diff(out, outs["eager"], mask) for k, out in outs.items() if k != "eager"}
+        ms = _median_ms(fns, reps)
+    return ms, diffs, ort_how
+
+
 def _encoder_rows(rows: List[dict], case: str, config: str, ms: Dict[str, float], diffs: Dict[str, float],
                   ort_how: str, seqs: int, tokens: int) -> None:
     """The rows of an encoder case: pyllm vs stock sdpa, stock eager (the reference of the diffs) and
@@ -249,16 +265,7 @@ def _encoder_case(quick: bool, rows: List[dict], profile_out: List[dict]) -> Non
     config = (f"BERT-base width (768/12 heads/3072), {layers} layer{'s' * (layers > 1)}, "
               f"batch {batch} x seq {seq}, {pad:.0%} padding")
     print(f"  [1/4] encoder: {config}", flush=True)
-    ort_run, ort_how = ort_baseline(models["sdpa"], feed)
-
-    with torch.inference_mode():
-        outs = {k: m(**feed).last_hidden_state for k, m in models.items()}
-        fns = {k: (lambda m=m: m(**feed)) for k, m in models.items()}
-        if ort_run is not None:
-            outs[ORT] = ort_run(feed)
-            fns[ORT] = lambda: ort_run(feed)
-        diffs = {k: _max_diff(out, outs["eager"], mask) for k, out in outs.items() if k != "eager"}
-        ms = _median_ms(fns, reps)
+    ms, diffs, ort_how = _time_encoders(models, feed, mask, reps)
     _encoder_rows(rows, "encoder forward", config, ms, diffs, ort_how, seqs=batch, tokens=int(mask.sum()))
 
     # case 4: where the time goes (same inputs, one profiled forward per model after the warm-up above)
@@ -365,15 +372,7 @@ def _minilm_case(quick: bool, rows: List[dict]) -> None:
     config = f"all-MiniLM-L6-v2 (real weights), {n} sentences padded to {ids.shape[1]} tokens, {pad:.0%} padding"
     print(f"  [3/4] MiniLM: {config}", flush=True)
     reps = 3 if quick else 7
-    ort_run, ort_how = ort_baseline(models["sdpa"], feed)
-    with torch.inference_mode():
-        outs = {k: m(**feed).last_hidden_state for k, m in models.items()}
-        fns = {k: (lambda m=m: m(**feed)) for k, m in models.items()}
-        if ort_run is not None:
-            outs[ORT] = ort_run(feed)
-            fns[ORT] = lambda: ort_run(feed)
-        diffs = {k: _max_diff(out, outs["eager"], mask) for k, out in outs.items() if k != "eager"}
-        ms = _median_ms(fns, reps)
+    ms, diffs, ort_how = _time_encoders(models, feed, mask, reps)
     _encoder_rows(rows, "real MiniLM-L6 encode", config, ms, diffs, ort_how, seqs=n, tokens=int(mask.sum()))
 
 
