@@ -10,6 +10,7 @@ Extensions:
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, CUDA_HOME.
 """
 import glob
+import json
 import os
 import sys
 
@@ -69,6 +70,22 @@ def emulated_sources(cu_files):
                 f.write(text)
         out.append(os.path.relpath(path, ROOT))
     return out
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Writes pyllm/_build.json next to the built modules: the torch they were built against,
+    which `import pyllm` checks before loading them (pyllm/_ext.py)."""
+
+    def run(self):
+        super().run()
+        if not self.extensions:
+            return
+        out = os.path.dirname(self.get_ext_fullpath(self.extensions[0].name))
+        info = {"torch": torch.__version__, "cuda": torch.version.cuda if use_cuda else None,
+                "modules": [e.name for e in self.extensions]}
+        with open(os.path.join(out, "_build.json"), "w") as f:
+            json.dump(info, f)
+        say(f"wrote {os.path.relpath(os.path.join(out, '_build.json'), ROOT)}: built against torch {torch.__version__}")
 
 
 use_cuda, why = want_cuda()
@@ -138,6 +155,6 @@ setup(
     packages=find_packages(include=["pyllm", "pyllm.*"]),
     package_data={"pyllm": ["data/*"]},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
 )

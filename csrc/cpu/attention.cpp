@@ -44,6 +44,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Causal masks use shorter query blocks so less of the diagonal block is wasted.
 constexpr int64_t kBlockQ = 128, kBlockQCausal = 64, kBlockK = 512;
 constexpr int64_t kDecodeMaxLq = 16;
+constexpr int64_t kDecodeTasks = 32;  // decode: key splits x head groups to aim for
 
 // Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
@@ -309,8 +310,9 @@ void attention_forward(const Args& a, float* out, float* lse) {
     const int64_t hchunk = std::max<int64_t>(1, std::min<int64_t>(a.group, 256 / a.Lq));
     const int64_t nhc = (a.group + hchunk - 1) / hchunk;
     const int64_t groups = a.B * a.Hkv * nhc;
-    const int64_t nt = at::get_num_threads();
-    int64_t nsplit = std::min<int64_t>((a.Lk + a.bk - 1) / a.bk, (4 * nt + groups - 1) / groups);
+    // The split depends on the shape only (about kDecodeTasks tasks), never on the thread count:
+    // the combined result is bit-identical for any torch.set_num_threads (issue 12).
+    int64_t nsplit = std::min<int64_t>((a.Lk + a.bk - 1) / a.bk, (kDecodeTasks + groups - 1) / groups);
     nsplit = std::max<int64_t>(1, nsplit);
     const int64_t per = ((a.Lk + nsplit - 1) / nsplit + 15) / 16 * 16;
     nsplit = std::max<int64_t>(1, (a.Lk + per - 1) / per);

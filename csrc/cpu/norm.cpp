@@ -171,19 +171,38 @@ void add_layer_norm_inplace(at::Tensor& input, const at::Tensor& residual_,
   });
 }
 
-// Shared by LayerNorm and RMSNorm backward: per-thread partial weight/bias grads.
+// Shared by LayerNorm and RMSNorm backward: weight/bias grads as partial sums over row chunks.
+// The chunks depend on the shape only, never on the thread count, and are added in chunk order
+// (sum_partials), so the grads are bit-identical for any torch.set_num_threads (issue 12).
 template <typename F>
 static void rows_with_partials(int64_t rows, int64_t n, int nparts, at::Tensor& partial, F&& body) {
-  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), rows));
-  partial = at::zeros({nt, nparts, n}, at::kFloat);
+  const int64_t min_rows = std::max<int64_t>(8, 16384 / std::max<int64_t>(n, 1));  // >= ~64 KiB a chunk
+  const int64_t max_chunks = std::max<int64_t>(1, std::min<int64_t>(64, (1 << 21) / (nparts * n)));
+  const int64_t nc = std::clamp<int64_t>((rows + min_rows - 1) / min_rows, 1, max_chunks);
+  partial = at::zeros({nc, nparts, n}, at::kFloat);
   float* pp = partial.data_ptr<float>();
-  const int64_t chunk = (rows + nt - 1) / nt;
-  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+  const int64_t chunk = (rows + nc - 1) / nc;
+  at::parallel_for(0, nc, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
-      const int64_t begin = t * chunk, end = std::min(rows, begin + chunk);
+      const int64_t begin = std::min(rows, t * chunk), end = std::min(rows, begin + chunk);
       body(begin, end, pp + t * nparts * n);
     }
   });
+}
+
+// partial [chunks, nparts, n] -> [nparts, n], chunks added in order (not at::sum, whose split of
+// the reduction may follow the thread count).
+static at::Tensor sum_partials(const at::Tensor& partial) {
+  const int64_t nc = partial.size(0), m = partial.size(1) * partial.size(2);
+  at::Tensor s = at::empty({partial.size(1), partial.size(2)}, partial.options());
+  const float* pp = partial.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
+  at::parallel_for(0, m, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) sp[j] = pp[j];
+    for (int64_t c = 1; c < nc; ++c)
+      for (int64_t j = b; j < e; ++j) sp[j] += pp[c * m + j];
+  });
+  return s;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
@@ -228,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
   at::Tensor dw, db;
   if (has_w) {
     if (rows > 0) {
-      at::Tensor s = partial.sum(0);
+      at::Tensor s = sum_partials(partial);
       // copy=true: s[0] and s[1] are views of one buffer; outputs must not alias (schema).
       dw = s[0].to(weight->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
       db = s[1].to(weight->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
@@ -325,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_
   }
   at::Tensor dw;
   if (has_w) {
-    dw = rows > 0 ? partial.sum(0)[0].to(weight->scalar_type()) : at::zeros({n}, weight->options());
+    dw = rows > 0 ? sum_partials(partial)[0].to(weight->scalar_type()) : at::zeros({n}, weight->options());
   } else {
     dw = at::empty({0}, input.options());
   }
