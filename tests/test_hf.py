@@ -205,7 +205,8 @@ def test_optimize_revert_round_trip(arch):
         swapped = [n for n, x in m.named_modules() if type(x).__module__.startswith("pyllm")]
         assert swapped
         during = run(m, arch, ids, am, dec)
-        assert optimize(m) is m and pyllm.hf.report(m) is rep  # idempotent
+        with pytest.warns(UserWarning, match="already optimized; nothing changed"):
+            assert optimize(m) is m and pyllm.hf.report(m) is rep  # idempotent, and says so
         revert(m)
         after = run(m, arch, ids, am, dec)
     assert not pyllm.hf.is_optimized(m)

@@ -1,7 +1,9 @@
 """``optimize(model)`` / ``revert(model)``: switch a built transformers model to pyllm and back."""
 from __future__ import annotations
 
+import sys
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -13,6 +15,9 @@ from . import padfree as _padfree
 from .attention import NAME
 
 _STATE = "_pyllm_hf_state"
+_OPTIONS = ("attention", "norms", "padding_free", "fuse")
+# The models optimize() switched and revert() has not restored yet (to recognize one of their submodules).
+_OPTIMIZED = weakref.WeakSet()
 
 
 @dataclass
@@ -26,6 +31,12 @@ class OptimizeReport:
     padding_free: list = field(default_factory=list)        # base models that run without pad tokens
     fused: Counter = field(default_factory=Counter)         # "Class: what runs fused" -> count
     not_fused: Counter = field(default_factory=Counter)     # "Class: why not" -> count (informational)
+    no_attention: list = field(default_factory=list)         # model classes without attention layers
+
+    @property
+    def switched(self) -> bool:
+        """True when anything at all runs on pyllm now."""
+        return bool(self.attention or self.norms or self.fused or self.padding_free)
 
     @property
     def complete(self) -> bool:
@@ -34,6 +45,8 @@ class OptimizeReport:
 
     def __str__(self) -> str:
         lines = [f"pyllm.hf.optimize: attention -> pyllm in {', '.join(self.attention) or 'no model'}"]
+        for k in self.no_attention:
+            lines.append(f"  no attention layer in {k} (nothing to switch there; its config is left as it was)")
         for k, v in self.attention_skipped.items():
             lines.append(f"  attention NOT switched in {k}: {v}")
         for k, v in sorted(self.norms.items()):
@@ -71,8 +84,38 @@ def is_optimized(model: torch.nn.Module) -> bool:
     return getattr(model, _STATE, None) is not None
 
 
+def _check_module(model, fn: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"pyllm: {fn}(model) takes a torch.nn.Module (a transformers model), "
+                        f"got {type(model).__name__}")
+
+
+def _enclosing(model):
+    """An optimized model (not ``model`` itself) holding ``model`` as a submodule, or None."""
+    for root in list(_OPTIMIZED):
+        if root is not model and getattr(root, _STATE, None) is not None \
+                and any(m is model for m in root.modules()):
+            return root
+    return None
+
+
+def _has_attention(hf_model) -> bool:
+    """Whether a transformers model has attention layers at all: a module class named like one, or
+    defined in a module that dispatches through transformers' AttentionInterface. (ResNet, ConvNeXt,
+    Mamba or FNet have none: setting their attention implementation would change nothing but the config.)"""
+    for m in hf_model.modules():
+        cls = type(m)
+        if "Attention" in cls.__name__:
+            return True
+        mod = sys.modules.get(cls.__module__)
+        if mod is not None and "ALL_ATTENTION_FUNCTIONS" in vars(mod):
+            return True
+    return False
+
+
 def report(model: torch.nn.Module) -> OptimizeReport:
     """The :class:`OptimizeReport` of a model switched by :func:`optimize` (also ``model.pyllm_report``)."""
+    _check_module(model, "report")
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError(f"pyllm: report(model) needs a model switched by pyllm.hf.optimize(model); "
@@ -123,38 +166,99 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
     Outputs match the stock model to floating-point rounding. What it switched and what it left
     (and why) is an :class:`OptimizeReport`: ``pyllm.hf.report(model)`` or ``model.pyllm_report``;
     it warns about anything left unchanged unless ``warn=False``. :func:`revert` undoes it exactly.
-    Calling it on an optimized model changes nothing.
-    """
-    from transformers import PreTrainedModel
 
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"pyllm: model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    if getattr(model, _STATE, None) is not None:
+    Bad use never half-changes a model (docs/HF.md, "Errors and warnings"): a model with nothing to
+    switch (no attention layer, no LayerNorm/RMSNorm pyllm reproduces) is returned unchanged with a
+    warning (its empty report stays readable, ``revert`` is a no-op); a second call on an optimized
+    model changes nothing and warns, or raises ``ValueError`` if it asks for other options; a
+    submodule of an optimized model, or a model holding an optimized one, raises ``ValueError``.
+    """
+    _check_module(model, "optimize")
+    options = {"attention": attention, "norms": norms, "padding_free": padding_free, "fuse": fuse, "warn": warn}
+    for k, v in options.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"pyllm: optimize(..., {k}=) must be a bool, got {type(v).__name__} {v!r}")
+    options.pop("warn")
+    name = type(model).__name__
+    state = getattr(model, _STATE, None)
+    if state is not None:
+        before = state.get("options", options)
+        if before != options:
+            diff = ", ".join(f"{k}={v}" for k, v in options.items() if before[k] != v)
+            was = ", ".join(f"{k}={before[k]}" for k, v in options.items() if before[k] != v)
+            raise ValueError(f"pyllm: this {name} is already optimized (with {was}); optimize(model, {diff}) "
+                             f"cannot change that in place: call pyllm.hf.revert(model) first. Nothing changed")
+        if warn:
+            warnings.warn(f"pyllm.hf.optimize: this {name} is already optimized; nothing changed (the first call's "
+                          f"switches stay; pyllm.hf.report(model) lists them)", stacklevel=2)
         return model
+    inner = next((m for m in model.modules() if m is not model and getattr(m, _STATE, None) is not None), None)
+    if inner is not None:
+        raise ValueError(f"pyllm: this {name} holds a {type(inner).__name__} that pyllm.hf.optimize already "
+                         f"switched; revert that one (pyllm.hf.revert) before optimizing the whole {name}. "
+                         f"Nothing changed")
+    outer = _enclosing(model)
+    if outer is not None:
+        raise ValueError(f"pyllm: this {name} is part of a {type(outer).__name__} that pyllm.hf.optimize already "
+                         f"switched, so it runs on pyllm already; nothing changed")
     report = OptimizeReport()
-    state = {"report": report, "attn": [], "classes": [], "children": []}
+    state = {"report": report, "attn": [], "classes": [], "children": [], "fused": [], "padfree": [],
+             "options": options}
+    try:
+        _switch(model, state, report, **options)
+    except BaseException:
+        _undo(state)  # never leave a half-switched model behind
+        raise
+    object.__setattr__(model, _STATE, state)
+    object.__setattr__(model, "pyllm_report", report)
+    try:
+        _OPTIMIZED.add(model)
+    except TypeError:  # an unhashable module class: only the submodule checks lose it
+        pass
+    if warn and not report.switched:
+        warnings.warn(f"pyllm.hf.optimize found nothing to switch in {name}: the model is unchanged (no attention "
+                      f"layer, norm or fusable layer pyllm runs exactly{_asked(options)}); what it found:\n{report}",
+                      stacklevel=2)
+    elif warn and not report.complete:
+        warnings.warn(f"pyllm.hf.optimize left parts of {name} on stock PyTorch "
+                      f"(results stay exact, only not accelerated):\n{report}", stacklevel=2)
+    return model
+
+
+def _asked(options) -> str:
+    off = [k for k, v in options.items() if not v]
+    return f" with {', '.join(f'{k}=False' for k in off)}" if off else ""
+
+
+def _switch(model, state, report, *, attention, norms, padding_free, fuse) -> None:
+    """The switches of :func:`optimize`, each recorded in ``state`` as soon as it is made."""
+    from transformers import PreTrainedModel
 
     if attention:
         hf_models = _transformers_models(model)
         if not hf_models:
             report.attention_skipped[type(model).__name__] = "no transformers PreTrainedModel in it"
         for hf_model in hf_models:
+            if not _has_attention(hf_model):
+                report.no_attention.append(type(hf_model).__name__)
+                continue
             state["attn"].append((hf_model, [(cfg, cfg._attn_implementation_internal) for cfg in _configs(hf_model)]))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # transformers' own notices; we report below
                 hf_model.set_attn_implementation(NAME)
-        if hf_models:
+        if state["attn"]:
             seen = set()
-            for m in model.modules():
-                if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
-                    seen.add(id(m.config))
-                    name = type(m).__name__
-                    if m.config._attn_implementation == NAME:
-                        report.attention.append(name)
-                    else:
-                        report.attention_skipped[name] = (
-                            f"its attention does not use transformers' AttentionInterface "
-                            f"(still {m.config._attn_implementation!r})")
+            for hf_model, _ in state["attn"]:
+                for m in hf_model.modules():
+                    if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
+                        seen.add(id(m.config))
+                        name = type(m).__name__
+                        if m.config._attn_implementation == NAME:
+                            report.attention.append(name)
+                        else:
+                            report.attention_skipped[name] = (
+                                f"its attention does not use transformers' AttentionInterface "
+                                f"(still {m.config._attn_implementation!r})")
 
     if norms:
         memo = {}
@@ -186,7 +290,6 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
                     report.norms[f"{type(child).__name__} -> pyllm.nn.RMSNorm(style={rep.style!r})"] += 1
                 else:
                     report.skipped[f"{type(child).__name__}: {p[1]}"] += 1
-    state["fused"] = []
     if fuse:
         for m in model.modules():
             p = _fused.plan(m)
@@ -198,26 +301,34 @@ def optimize(model: torch.nn.Module, *, attention: bool = True, norms: bool = Tr
                 _fused.enable(m, p[0])
                 state["fused"].append(m)
                 report.fused[p[1]] += 1
-    state["padfree"] = []
     if padding_free and attention and report.attention:
         for m in model.modules():
             if _padfree.enable(m):
                 state["padfree"].append(m)
                 report.padding_free.append(type(m).__name__)
-    object.__setattr__(model, _STATE, state)
-    object.__setattr__(model, "pyllm_report", report)
-    if warn and not report.complete:
-        warnings.warn(f"pyllm.hf.optimize left parts of {type(model).__name__} on stock PyTorch "
-                      f"(results stay exact, only not accelerated):\n{report}", stacklevel=2)
-    return model
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`optimize` exactly: attention implementations of every config and the original
-    module objects and classes (sharing the current Parameters). Returns the model."""
+    module objects and classes (sharing the current Parameters). Returns the model.
+
+    A model that is not optimized (never, or already reverted) raises ``ValueError`` and is left as it is."""
+    _check_module(model, "revert")
     state = getattr(model, _STATE, None)
     if state is None:
-        raise ValueError("pyllm: revert(model) needs a model switched by pyllm.hf.optimize(model)")
+        outer = _enclosing(model)
+        why = (f"it is part of a {type(outer).__name__} that was optimized: revert that model" if outer is not None
+               else "it was never optimized, or was reverted already")
+        raise ValueError(f"pyllm: revert(model) needs a model switched by pyllm.hf.optimize(model); this "
+                         f"{type(model).__name__} is not ({why}). Nothing changed")
+    _undo(state)
+    object.__delattr__(model, _STATE)
+    object.__delattr__(model, "pyllm_report")
+    _OPTIMIZED.discard(model)
+    return model
+
+
+def _undo(state) -> None:
     for m in state.get("padfree", []):
         _padfree.disable(m)
     for m in state.get("fused", []):
@@ -240,6 +351,3 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
                 pass
         for cfg, impl in saved:
             cfg._attn_implementation_internal = impl
-    object.__delattr__(model, _STATE)
-    object.__delattr__(model, "pyllm_report")
-    return model
