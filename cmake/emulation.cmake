@@ -61,7 +61,7 @@ endif()
 function(pyllm_emu_add_test_exe name runtime src)
   pyllm_emu_cu_as_cxx("${PYLLM_EMU_TEST_DIR}/${src}")
   add_executable(${name} "${PYLLM_EMU_TEST_DIR}/${src}")
-  target_include_directories(${name} PRIVATE "${PYLLM_EMU_TEST_DIR}")
+  target_include_directories(${name} PRIVATE "${PYLLM_EMU_TEST_DIR}" "${PYLLM_EMU_ROOT}/csrc/include")
   target_link_libraries(${name} PRIVATE ${runtime})
   # Export symbols so error messages can name kernels (dladdr).
   set_target_properties(${name} PROPERTIES ENABLE_EXPORTS ON)
@@ -70,8 +70,9 @@ function(pyllm_emu_add_test_exe name runtime src)
   endif()
 endfunction()
 
-# (1) correct kernels, (2) planted bugs, fp16/bf16 conversions: plain build.
-foreach(t correct bugs fp16)
+# (1) correct kernels, (2) planted bugs, fp16/bf16 conversions, tensor-core and cp.async
+# instructions against the PTX ISA: plain build.
+foreach(t correct bugs fp16 tensorcore)
   pyllm_emu_add_test_exe(emu_test_${t} pyllm_emu test_emu_${t}.cu)
   add_test(NAME emu_${t} COMMAND emu_test_${t})
   set_tests_properties(emu_${t} PROPERTIES TIMEOUT 120)
@@ -99,7 +100,7 @@ pyllm_emu_add_runtime(pyllm_emu_asan_ubsan FLAGS ${_pyllm_emu_asan_ubsan})
 pyllm_emu_add_runtime(pyllm_emu_ubsan FLAGS ${_pyllm_emu_ubsan})
 
 # The correct and planted-bug tests must run clean under ASan+UBSan.
-foreach(t correct bugs fp16)
+foreach(t correct bugs fp16 tensorcore)
   pyllm_emu_add_test_exe(emu_test_${t}_asan_ubsan pyllm_emu_asan_ubsan test_emu_${t}.cu)
   add_test(NAME emu_${t}_asan_ubsan COMMAND emu_test_${t}_asan_ubsan)
   set_tests_properties(emu_${t}_asan_ubsan PROPERTIES TIMEOUT 300 ENVIRONMENT "${_pyllm_emu_asan_env}"

@@ -142,7 +142,7 @@ def current_backend() -> str:
 def use_backend(name: str):
     """Run the enclosed pyllm calls on backend ``name`` (see module docstring). The choice is per
     thread: other threads keep theirs."""
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"pyllm: unknown backend {name!r}; choose one of {available_backends()}")
     stack = _LOCAL.stack
     stack.append(name)
@@ -186,11 +186,18 @@ def select(op: str, tensors: tuple, limits=None, limit_args: tuple = (), typed: 
 
 def last_decision(op: str) -> Optional[Decision]:
     """The decision taken by the last call of ``op`` (None if not called yet)."""
+    _check_op_name(op)
     return _LAST.get(op)
+
+
+def _check_op_name(op) -> None:
+    if not isinstance(op, str):
+        raise TypeError(f"pyllm: op must be an op name (a str such as 'layer_norm'), got {type(op).__name__}")
 
 
 def explain(op: str | None = None) -> str:
     """Why the last call of `op` (or of every op) took the path it did."""
     if op is not None:
+        _check_op_name(op)
         return str(_LAST[op]) if op in _LAST else f"{op}: not called yet"
     return "\n".join(str(d) for d in _LAST.values()) or "no pyllm op called yet"

@@ -18,6 +18,13 @@ def meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
+Q = torch.randn(4, 2, 8)  # [L, N, E] for MultiheadAttention(8, 2)
+
+
+def MHA(*args, **kwargs):
+    return pnn.MultiheadAttention(8, 2)(*args, need_weights=False, **kwargs)
+
+
 # (id, callable, exception type, regex the message must match)
 CASES = [
     # ---- layer_norm / add_layer_norm
@@ -98,9 +105,49 @@ CASES = [
     ("sm-non-tensor-mask", lambda: P.masked_softmax(X, [True] * 8), TypeError, r"mask must be a torch.Tensor, got list"),
     ("nn-softmax-bad-mask", lambda: pnn.FusedScaleMaskSoftmax(0.5)(X, torch.ones(5)), ValueError,
      r"mask of shape \[5\] is not broadcastable"),
+    # ---- nn modules: bad constructor arguments fail at construction, bad forward arguments name themselves
+    ("nn-layernorm-float-shape", lambda: pnn.LayerNorm(8.5), TypeError,
+     r"normalized_shape must be an int or a sequence of ints, got 8.5"),
+    ("nn-layernorm-negative-shape", lambda: pnn.LayerNorm(-1), ValueError,
+     r"normalized_shape must be a non-empty sequence of sizes >= 0, got \[-1\]"),
+    ("nn-layernorm-eps-nan", lambda: pnn.LayerNorm(8, eps=float("nan")), ValueError, r"eps must be a finite number"),
+    ("nn-layernorm-eps-str", lambda: pnn.LayerNorm(8, eps="1e-5"), TypeError, r"eps must be a Python number, got str"),
+    ("nn-rmsnorm-float-shape", lambda: pnn.RMSNorm([8.0]), TypeError, r"normalized_shape must be an int"),
+    ("nn-rmsnorm-eps-negative", lambda: pnn.RMSNorm(8, eps=-1e-6), ValueError, r"eps must be >= 0"),
+    ("nn-rmsnorm-style-none", lambda: pnn.RMSNorm(8, style=None), ValueError, r"style must be one of .*got None"),
+    ("nn-softmax-scale-str", lambda: pnn.FusedScaleMaskSoftmax("0.5"), TypeError,
+     r"scale must be a Python number, got str"),
+    ("nn-softmax-scale-nan", lambda: pnn.FusedScaleMaskSoftmax(float("nan")), ValueError,
+     r"scale must be a finite number, got nan"),
+    ("nn-softmax-causal-str", lambda: pnn.FusedScaleMaskSoftmax(1.0, "no"), TypeError,
+     r"causal must be a bool, got str 'no'"),
+    ("nn-mha-heads-divide", lambda: pnn.MultiheadAttention(8, 3), ValueError,
+     r"embed_dim \(8\) must be divisible by num_heads \(3\)"),
+    ("nn-mha-zero-heads", lambda: pnn.MultiheadAttention(8, 0), ValueError, r"num_heads must be >= 1, got 0"),
+    ("nn-mha-float-dim", lambda: pnn.MultiheadAttention(8.0, 2), TypeError, r"embed_dim must be an int, got float"),
+    ("nn-mha-dropout", lambda: pnn.MultiheadAttention(8, 2, dropout=1.5), ValueError,
+     r"dropout must be in \[0, 1\], got 1.5"),
+    ("nn-mha-int-key-padding-mask", lambda: MHA(Q, Q, Q, key_padding_mask=torch.zeros(2, 4, dtype=torch.long)),
+     TypeError, r"key_padding_mask must be bool \(True = not allowed to attend\) or a floating additive mask, "
+     r"got torch.int64"),
+    ("nn-mha-int-attn-mask", lambda: MHA(Q, Q, Q, attn_mask=torch.zeros(4, 4, dtype=torch.int32)), TypeError,
+     r"attn_mask must be bool .* got torch.int32"),
+    ("nn-mha-key-padding-mask-device", lambda: MHA(Q, Q, Q, key_padding_mask=meta(2, 4, dtype=torch.bool)),
+     ValueError, r"key_padding_mask is on meta but query is on cpu"),
+    ("nn-mha-key-batch", lambda: MHA(Q, torch.randn(4, 3, 8), torch.randn(4, 3, 8)), ValueError,
+     r"query, key and value must have the same batch size, got shapes \[4, 2, 8\], \[4, 3, 8\], \[4, 3, 8\]"),
+    ("nn-mha-key-value-length", lambda: MHA(Q, Q, torch.randn(5, 2, 8)), ValueError,
+     r"key and value must have the same length, got shapes \[4, 2, 8\] and \[5, 2, 8\]"),
+    ("nn-mha-key-embed", lambda: MHA(Q, torch.randn(4, 2, 6), torch.randn(4, 2, 6)), ValueError,
+     r"key's last dim must be 8 \(kdim\), got shape \[4, 2, 6\]"),
+    ("nn-mha-non-tensor", lambda: MHA([1.0], Q, Q), TypeError, r"query must be a torch.Tensor, got list"),
     # ---- backends
     ("backend-unknown", lambda: pyllm.use_backend("cuda").__enter__(), ValueError,
      r"unknown backend 'cuda'; choose one of \['auto', 'native', 'torch', 'cuda-emulated'\]"),
+    ("backend-not-a-name", lambda: pyllm.use_backend(["auto"]).__enter__(), ValueError,
+     r"unknown backend \['auto'\]; choose one of"),
+    ("explain-not-a-name", lambda: pyllm.explain(5), TypeError, r"op must be an op name \(a str"),
+    ("last-decision-not-a-name", lambda: pyllm.last_decision(["layer_norm"]), TypeError, r"op must be an op name"),
 ]
 
 
@@ -113,6 +160,33 @@ def test_bad_input_raises_clear_error(fn, exc, match):
 
 def test_there_are_many_error_cases():
     assert len(CASES) >= 15
+
+
+def _hf_case_ids() -> list:
+    """The hf optimize/revert bad-use cases (tests/test_hf_errors.py), when transformers is installed."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return []
+    import test_hf_errors
+    return [f"hf-{i}" for i in test_hf_errors.CASE_IDS]
+
+
+def test_at_least_60_distinct_bad_input_cases_across_the_public_api():
+    """Issue 12 item 7: at least 60 distinct bad-input cases, each a clear pyllm error (tested above,
+    per backend in test_registry_bad_inputs, and in tests/test_hf_errors.py)."""
+    table = [i for i, *_ in CASES]
+    registry = [f"{s.name}-{b.desc}" for s in pyllm.ops.specs() for b in s.bad_inputs()]
+    hf = _hf_case_ids()
+    ids = table + registry + hf
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    assert not dupes, f"case ids must be distinct: {dupes}"
+    per_op = {s.name: len(s.bad_inputs()) for s in pyllm.ops.specs()}
+    total = len(set(ids))
+    assert total >= 60, (f"only {total} distinct bad-input cases: {len(table)} in CASES, {len(registry)} in the "
+                         f"ops' bad_inputs() {per_op}, {len(hf)} hf")
+    print(f"{total} distinct bad-input cases: {len(table)} in CASES, {len(registry)} in the ops' bad_inputs() "
+          f"{per_op}, {len(hf)} hf")
 
 
 def test_errors_do_not_depend_on_backend():

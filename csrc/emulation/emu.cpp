@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <array>
 #include <condition_variable>
 #include <mutex>
 #include <random>
@@ -246,6 +247,8 @@ const char* op_name(Op op) {
     case Op::All: return "__all_sync";
     case Op::SyncWarp: return "__syncwarp";
     case Op::ActiveMask: return "__activemask";
+    case Op::Mma: return "mma.sync";
+    case Op::Ldmatrix: return "ldmatrix.sync";
   }
   return "?";
 }
@@ -323,12 +326,21 @@ struct Fiber {
   void* asan_fake = nullptr;
 #endif
   std::string error;
+  // cp.async: copies issued since the last commit_group, and committed groups (oldest first)
+  struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int bytes, src_bytes;
+  };
+  std::vector<AsyncCopy> async_open;
+  std::vector<std::vector<AsyncCopy>> async_groups;
 };
 
 struct Runner {
   std::vector<Stack> stacks;
   size_t stack_bytes = 0;
   std::vector<Fiber> fibers;
+  std::vector<std::array<unsigned char, 64>> xch;  // per-thread exchange slots (mma, ldmatrix)
   std::vector<unsigned> order;
   unsigned char* smem_raw = nullptr;
   unsigned char* smem = nullptr;
@@ -526,7 +538,9 @@ void Runner::complete_warp_group(unsigned w, unsigned mask, Op op) {
       case Op::Ballot: g.result = preds; break;
       case Op::Any: g.result = preds != 0; break;
       case Op::All: g.result = preds == mask; break;
-      case Op::SyncWarp: g.result = 0; break;
+      case Op::SyncWarp:
+      case Op::Mma:
+      case Op::Ldmatrix: g.result = 0; break;  // data goes through the exchange slots
       default: {
         const long long width = g.width;
         const long long seg = (long long)j & ~(width - 1);
@@ -767,6 +781,7 @@ void Runner::run_block(const LaunchDesc& d, const OrderCfg& ord, std::uint64_t l
 
   prepare_stacks(nthreads);
   if (fibers.size() < nthreads) fibers.resize(nthreads);
+  if (xch.size() < nthreads) xch.resize(nthreads);
 #if PYLLM_EMU_ASM_SWITCH
   {
     unsigned mx = 0;
@@ -787,6 +802,8 @@ void Runner::run_block(const LaunchDesc& d, const OrderCfg& ord, std::uint64_t l
     f.value = f.result = 0;
     f.epoch = 0;
     f.error.clear();
+    f.async_open.clear();
+    f.async_groups.clear();
     f.stack = &stacks[i];
     f.runner = this;
 #if PYLLM_EMU_ASAN
@@ -1018,6 +1035,166 @@ void run_grid(const LaunchDesc& d) {
   }
 }
 
+
+// ---------------------------------------------------------------------------
+// Tensor-core and async-copy instructions (see emu.h). Written from the PTX ISA's
+// fragment-layout tables; tests/cpp/test_emu_tensorcore.cu holds them against those tables.
+// ---------------------------------------------------------------------------
+namespace {
+
+struct Here {
+  Runner* r;
+  Fiber* f;
+};
+Here here(const char* what) {
+  Runner* r = t_runner;
+  Fiber* f = r ? r->current : nullptr;
+  if (!f) not_in_kernel(what);
+  return {r, f};
+}
+
+[[noreturn]] void instr_error(const Fiber& f, const char* instr, const char* file, int line, int col,
+                              const std::string& msg) {
+  throw std::runtime_error(std::string(instr) + " at " + file + ":" + std::to_string(line) + ":" +
+                           std::to_string(col) + ": thread " + std::to_string(f.pub.linear) + " (warp " +
+                           std::to_string(f.pub.warp) + ", lane " + std::to_string(f.pub.lane) + "): " + msg);
+}
+
+bool in_smem(const Runner& r, const void* p, size_t bytes) {
+  const auto* b = static_cast<const unsigned char*>(r.block.smem);
+  const auto* q = static_cast<const unsigned char*>(p);
+  return q >= b && q + bytes <= b + r.block.smem_bytes;
+}
+
+std::string ptr_str(const void* p) {
+  std::ostringstream os;
+  os << p;
+  return os.str();
+}
+
+// Half / bfloat16 bits -> float (exact).
+float b16_to_float(std::uint16_t h, bool bf16) {
+  if (bf16) return from_bits<float>((std::uint64_t)((std::uint32_t)h << 16));
+  return f16_bits_to_f32(h);
+}
+std::uint16_t half_of(std::uint32_t reg, int which) { return (std::uint16_t)(which ? reg >> 16 : reg & 0xffffu); }
+
+}  // namespace
+
+void mma_m16n8k16_impl(float* d, const std::uint32_t* a, const std::uint32_t* b, const float* c, bool bf16,
+                       const char* file, int line, int col) {
+  Here h = here("mma.sync");
+  const unsigned me = h.f->pub.linear, lane = h.f->pub.lane, base = me - lane;
+  if (h.r->nthreads - base < 32)
+    instr_error(*h.f, "mma.sync.m16n8k16", file, line, col, "the warp is partial (the block's last warp has " +
+                std::to_string(h.r->nthreads - base) + " threads); mma.sync needs all 32 lanes");
+  unsigned char* slot = h.r->xch[me].data();
+  std::memcpy(slot, a, 16);
+  std::memcpy(slot + 16, b, 8);
+  sync_point(Op::Mma, 0xffffffffu, 0, 0, bf16, 32, file, line, col);
+  // A (16 x 16, row-major), B (16 x 8, "col": K x N) from every lane's fragments, ISA layout:
+  //   A: a_i of lane l (i = 0..7, two per register, low half first): row g + 8*((i/2)%2),
+  //      col 2t + (i%2) + 8*(i/4), with g = l/4, t = l%4.
+  //   B: b_i (i = 0..3): row (k) 2t + (i%2) + 8*(i/2), col (n) g.
+  double A[16][16], B[16][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned char* sl = h.r->xch[base + l].data();
+    std::uint32_t ar[4], br[2];
+    std::memcpy(ar, sl, 16);
+    std::memcpy(br, sl + 16, 8);
+    const unsigned g = l / 4, t = l % 4;
+    for (int i = 0; i < 8; ++i)
+      A[g + 8 * ((i / 2) % 2)][2 * t + (i % 2) + 8 * (i / 4)] = b16_to_float(half_of(ar[i / 2], i % 2), bf16);
+    for (int i = 0; i < 4; ++i) B[2 * t + (i % 2) + 8 * (i / 2)][g] = b16_to_float(half_of(br[i / 2], i % 2), bf16);
+  }
+  // Wait until every lane has read the slots before any lane can overwrite its own.
+  sync_point(Op::Mma, 0xffffffffu, 0, 0, bf16, 32, file, line, col);
+  // D/C: c_i (i = 0..3) of lane l: row g + 8*(i/2), col 2t + (i%2).
+  const unsigned g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), cc = 2 * t + (i % 2);
+    double acc = 0.0;
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][cc];  // products of halves are exact in fp64
+    d[i] = (float)((double)c[i] + acc);
+  }
+}
+
+void ldmatrix_impl(std::uint32_t* r, int num, bool trans, const void* addr, const char* file, int line, int col) {
+  Here h = here("ldmatrix.sync");
+  const char* instr = trans ? "ldmatrix.sync.m8n8.trans" : "ldmatrix.sync.m8n8";
+  if (num != 1 && num != 2 && num != 4)
+    instr_error(*h.f, instr, file, line, col, ".num must be x1, x2 or x4, got " + std::to_string(num));
+  const unsigned me = h.f->pub.linear, lane = h.f->pub.lane, base = me - lane;
+  if (h.r->nthreads - base < 32)
+    instr_error(*h.f, instr, file, line, col, "the warp is partial; ldmatrix.sync needs all 32 lanes");
+  // Only lanes 0 .. 8*num-1 supply addresses (the ISA ignores the others).
+  if (lane < 8u * (unsigned)num) {
+    if (((std::uintptr_t)addr & 15u) != 0)
+      instr_error(*h.f, instr, file, line, col, "row address " + ptr_str(addr) +
+                  " is not 16-byte aligned (each row is 8 contiguous b16 elements at a 16-byte boundary)");
+    if (!in_smem(*h.r, addr, 16))
+      instr_error(*h.f, instr, file, line, col, "row address " + ptr_str(addr) +
+                  " is not inside the block's dynamic shared memory (" + std::to_string(h.r->block.smem_bytes) +
+                  " bytes; pyllm kernels take shared memory from pyllm_dynamic_smem)");
+  }
+  std::memcpy(h.r->xch[me].data(), &addr, sizeof addr);
+  sync_point(Op::Ldmatrix, 0xffffffffu, 0, 0, num * 2 + trans, 32, file, line, col);
+  std::uint32_t out[4] = {0, 0, 0, 0};
+  for (int m = 0; m < num; ++m) {
+    auto row_addr = [&](unsigned rr) {
+      const void* p;
+      std::memcpy(&p, h.r->xch[base + 8 * m + rr].data(), sizeof p);
+      return static_cast<const std::uint16_t*>(p);
+    };
+    std::uint16_t e[2];
+    for (int k = 0; k < 2; ++k)
+      e[k] = trans ? row_addr(2 * (lane % 4) + k)[lane / 4] : row_addr(lane / 4)[2 * (lane % 4) + k];
+    out[m] = (std::uint32_t)e[0] | ((std::uint32_t)e[1] << 16);
+  }
+  sync_point(Op::Ldmatrix, 0xffffffffu, 0, 0, num * 2 + trans, 32, file, line, col);
+  for (int m = 0; m < num; ++m) r[m] = out[m];
+}
+
+void cp_async_impl(void* dst, const void* src, int cp_size, int src_size, bool cg, const char* file, int line,
+                   int col) {
+  Here h = here("cp.async");
+  const char* instr = cg ? "cp.async.cg.shared.global" : "cp.async.ca.shared.global";
+  if (cg ? cp_size != 16 : (cp_size != 4 && cp_size != 8 && cp_size != 16))
+    instr_error(*h.f, instr, file, line, col, std::string("cp-size must be ") + (cg ? "16" : "4, 8 or 16") +
+                " bytes, got " + std::to_string(cp_size));
+  if (src_size < 0 || src_size > cp_size)
+    instr_error(*h.f, instr, file, line, col, "src-size " + std::to_string(src_size) + " is outside [0, cp-size " +
+                std::to_string(cp_size) + "]");
+  if (((std::uintptr_t)dst % (unsigned)cp_size) != 0 || (src_size > 0 && ((std::uintptr_t)src % (unsigned)cp_size) != 0))
+    instr_error(*h.f, instr, file, line, col, "addresses must be aligned to cp-size " + std::to_string(cp_size) +
+                " (dst " + ptr_str(dst) + ", src " + ptr_str(src) + ")");
+  if (!in_smem(*h.r, dst, (size_t)cp_size))
+    instr_error(*h.f, instr, file, line, col, "destination " + ptr_str(dst) +
+                " is not inside the block's dynamic shared memory");
+  h.f->async_open.push_back({dst, src, cp_size, src_size});
+}
+
+void cp_async_commit_impl(const char*, int, int) {
+  Here h = here("cp.async.commit_group");
+  h.f->async_groups.push_back(std::move(h.f->async_open));
+  h.f->async_open.clear();
+}
+
+void cp_async_wait_impl(int n, const char* file, int line, int col) {
+  Here h = here("cp.async.wait_group");
+  if (n < 0) instr_error(*h.f, "cp.async.wait_group", file, line, col, "N must be >= 0");
+  auto& gs = h.f->async_groups;
+  const size_t land = gs.size() > (size_t)n ? gs.size() - (size_t)n : 0;
+  for (size_t i = 0; i < land; ++i)
+    for (const auto& c : gs[i]) {
+      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, (size_t)c.src_bytes);
+      std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+    }
+  gs.erase(gs.begin(), gs.begin() + (std::ptrdiff_t)land);
+}
+
+int cp_async_pending_impl() { return (int)here("cp.async").f->async_groups.size(); }
+
 }  // namespace detail
 
 void* dynamic_smem() {
@@ -1034,6 +1211,20 @@ void set_order(const char* order) {
 }
 void set_num_threads(int n) { detail::g_threads_override = n > 0 ? n : 0; }
 void set_stack_kb(int kb) { detail::g_stack_kb_override = kb > 0 ? kb : 0; }
+
+void mma_m16n8k16(float* d, const std::uint32_t* a, const std::uint32_t* b, const float* c, bool bf16,
+                  const char* file, int line, int col) {
+  detail::mma_m16n8k16_impl(d, a, b, c, bf16, file, line, col);
+}
+void ldmatrix(std::uint32_t* r, int num, bool trans, const void* addr, const char* file, int line, int col) {
+  detail::ldmatrix_impl(r, num, trans, addr, file, line, col);
+}
+void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cg, const char* file, int line, int col) {
+  detail::cp_async_impl(dst, src, cp_size, src_size, cg, file, line, col);
+}
+void cp_async_commit(const char* file, int line, int col) { detail::cp_async_commit_impl(file, line, col); }
+void cp_async_wait(int n, const char* file, int line, int col) { detail::cp_async_wait_impl(n, file, line, col); }
+int cp_async_pending_groups() { return detail::cp_async_pending_impl(); }
 
 }  // namespace pyllm_emu
 

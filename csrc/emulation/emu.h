@@ -12,6 +12,8 @@
 //   set_order(const char*)    "forward" | "reverse" | "random[:seed]"; nullptr = env
 //   set_num_threads(int)      OS threads running blocks per launch; 0 = env
 //   set_stack_kb(int)         fiber stack size in KiB; 0 = env
+//   mma_m16n8k16 / ldmatrix / cp_async*: the tensor-core and async-copy instructions, emulated
+//     as the PTX ISA defines them (kernels reach them through pyllm/tensor_core.cuh)
 // Everything in pyllm_emu::detail is internal.
 #pragma once
 
@@ -246,6 +248,8 @@ enum class Op : int {
   All,
   SyncWarp,
   ActiveMask,
+  Mma,       // mma.sync.aligned (warp-collective, all 32 lanes, same instruction)
+  Ldmatrix,  // ldmatrix.sync.aligned
 };
 
 // Suspends the calling CUDA thread at a barrier / warp intrinsic until the
@@ -403,6 +407,33 @@ inline T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = 32, PYL
       ::pyllm_emu::detail::Op::ShflXor, mask, ::pyllm_emu::detail::to_bits(var), (int)sizeof(T), laneMask, width,
       PYLLM_EMU_SITE));
 }
+
+// ---------------------------------------------------------------------------
+// Tensor-core and asynchronous-copy instructions (PTX ISA 8.x, sm_80+), emulated.
+// Kernels call them through csrc/include/pyllm/tensor_core.cuh (inline PTX under nvcc).
+//  - mma_m16n8k16: mma.sync.aligned.m16n8k16.row.col.f32.{f16|bf16}.{f16|bf16}.f32. Warp-collective:
+//    all 32 lanes must execute the same instruction (same call site); each lane passes its A (4 x
+//    b32 = 8 halves), B (2 x b32) and C (4 x f32) fragments in the ISA's layout and gets its D
+//    fragment. Products are exact and summed in fp64, rounded once to fp32 (the hardware's
+//    accumulation order and intermediate rounding are unspecified; this is the exact sum).
+//  - ldmatrix: ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].shared.b16. Lanes 8i..8i+7 give the row
+//    addresses of matrix i (16-byte aligned, in the block's dynamic shared memory); lane l receives
+//    in register i the b16 pair (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i, or with .trans the
+//    pair (rows 2(l%4), 2(l%4)+1, col l/4). Read at the instruction.
+//  - cp_async: cp.async.{ca,cg}.shared.global [dst], [src], cp_size, src_size: queued in the
+//    thread's open group; bytes past src_size are zero-filled. commit_group closes the open group;
+//    wait_group(N) lands every committed group but the N most recent: the data reaches shared
+//    memory only then, so a read before the wait sees the old contents. wait_all = commit + wait 0.
+// ---------------------------------------------------------------------------
+namespace pyllm_emu {
+void mma_m16n8k16(float* d, const std::uint32_t* a, const std::uint32_t* b, const float* c, bool bf16,
+                  const char* file, int line, int col);
+void ldmatrix(std::uint32_t* r, int num, bool trans, const void* addr, const char* file, int line, int col);
+void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cg, const char* file, int line, int col);
+void cp_async_commit(const char* file, int line, int col);
+void cp_async_wait(int n, const char* file, int line, int col);
+int cp_async_pending_groups();  // committed groups of the calling thread not yet waited for (tests)
+}  // namespace pyllm_emu
 
 // ---------------------------------------------------------------------------
 // Memory fences, caches, misc

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as TF
 
 from .. import functional as F
+from ..ops._common import check_finite, check_int, check_same_device, check_tensor
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -22,18 +23,65 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ``is_causal=True`` are handled by the parent implementation.
     """
 
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
+        embed_dim = check_int(embed_dim, "embed_dim", minimum=1)
+        num_heads = check_int(num_heads, "num_heads", minimum=1)
+        if embed_dim % num_heads:
+            raise ValueError(f"pyllm: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        for d, name in ((kdim, "kdim"), (vdim, "vdim")):
+            if d is not None:
+                check_int(d, name, minimum=1)
+        check_finite(dropout, "dropout", minimum=0.0)
+        if dropout > 1.0:
+            raise ValueError(f"pyllm: dropout must be in [0, 1], got {dropout}")
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> None:
+        for t, name in ((query, "query"), (key, "key"), (value, "value")):
+            check_tensor(t, name)
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"pyllm: MultiheadAttention expects query/key/value of rank 2 (unbatched) "
+                             f"or 3, got {list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
+        for t, name in ((key, "key"), (value, "value")):
+            check_same_device(t, name, query, "query")
+        # [L, N, E] / [N, L, E] (batch_first) / [L, E]: the batch and length dims to compare
+        bdim = (0 if self.batch_first else 1) if query.dim() == 3 else None
+        ldim = (1 if self.batch_first else 0) if query.dim() == 3 else 0
+        if bdim is not None and not (query.shape[bdim] == key.shape[bdim] == value.shape[bdim]):
+            raise ValueError(f"pyllm: query, key and value must have the same batch size, got shapes "
+                             f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}"
+                             f"{' (batch_first=True)' if self.batch_first else ''}")
+        if key.shape[ldim] != value.shape[ldim]:
+            raise ValueError(f"pyllm: key and value must have the same length, got shapes {list(key.shape)} "
+                             f"and {list(value.shape)}")
+        for t, name, want in ((query, "query", self.embed_dim), (key, "key", self.kdim),
+                              (value, "value", self.vdim)):
+            if t.shape[-1] != want:
+                raise ValueError(f"pyllm: {name}'s last dim must be {want} "
+                                 f"({'embed_dim' if name == 'query' else ('kdim' if name == 'key' else 'vdim')}), "
+                                 f"got shape {list(t.shape)}")
+        for m, name in ((attn_mask, "attn_mask"), (key_padding_mask, "key_padding_mask")):
+            if m is None:
+                continue
+            check_tensor(m, name)
+            if m.dtype != torch.bool and not m.is_floating_point():
+                raise TypeError(f"pyllm: {name} must be bool (True = not allowed to attend) or a floating "
+                                f"additive mask, got {m.dtype}")
+            check_same_device(m, name, query, "query")
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False):
+        self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if self.bias_k is not None or self.add_zero_attn or (is_causal and attn_mask is None):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
         batched = query.dim() == 3
-        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"pyllm: MultiheadAttention expects query/key/value of rank 2 (unbatched) "
-                             f"or 3, got {list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from ..ops._common import check_finite, check_flag
 
 
 class FusedScaleMaskSoftmax(torch.nn.Module):
@@ -14,6 +15,8 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
     """
 
     def __init__(self, scale: float = 1.0, causal: bool = False):
+        check_finite(scale, "scale")
+        check_flag(causal, "causal")
         super().__init__()
         self.scale = float(scale)
         self.causal = bool(causal)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 
@@ -39,6 +40,91 @@ def check_number(v, name: str, allow_none: bool = False) -> None:
                         f"got {type(v).__name__}")
 
 
+def check_finite(v, name: str, allow_none: bool = False, minimum=None) -> None:
+    """A Python number (not a bool), finite, and ``>= minimum`` when given."""
+    check_number(v, name, allow_none)
+    if v is None:
+        return
+    if not math.isfinite(v):
+        raise ValueError(f"pyllm: {name} must be a finite number, got {v}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"pyllm: {name} must be >= {minimum}, got {v}")
+
+
+def check_flag(v, name: str) -> None:
+    """A bool (Python or NumPy): a string, None or a number is a mistake, not a truth value."""
+    if not (isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool"))):
+        raise TypeError(f"pyllm: {name} must be a bool, got {type(v).__name__} {v!r}")
+
+
+def check_int(v, name: str, minimum=None) -> int:
+    """A Python (or NumPy, or one-element integer tensor) integer, not a bool; returns it as an int."""
+    if isinstance(v, bool) or isinstance(getattr(v, "dtype", None), torch.dtype) and v.dtype == torch.bool:
+        raise TypeError(f"pyllm: {name} must be an int, got a bool ({v!r})")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"pyllm: {name} must be an int, got {type(v).__name__} {v!r}") from None
+    if minimum is not None and i < minimum:
+        raise ValueError(f"pyllm: {name} must be >= {minimum}, got {i}")
+    return i
+
+
+# Windows at least this wide reach every key of any sequence: they mean "unbounded" (-1). Passing
+# them on would overflow int64 in the kernels' position arithmetic (p + window + 1).
+UNBOUNDED_WINDOW = 2**62
+
+
+def check_window(window, name: str) -> tuple:
+    """A (left, right) pair of ints, each -1 (unbounded) or >= 0; returns it with widths of at least
+    :data:`UNBOUNDED_WINDOW` (which no sequence can tell from unbounded) replaced by -1."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"pyllm: {name} must be a (left, right) pair of ints (-1 = unbounded), got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        w = int(w)
+        if w < -1:
+            raise ValueError(f"pyllm: {name} {side} width must be -1 (unbounded) or >= 0, got {w} "
+                             f"(in {tuple(int(x) for x in window)})")
+        out.append(-1 if w >= UNBOUNDED_WINDOW else w)
+    return tuple(out)
+
+
+def check_eps(eps, allow_none: bool = False) -> None:
+    check_finite(eps, "eps", allow_none, minimum=0)
+
+
+def _byte_span(t) -> tuple:
+    start = t.data_ptr()
+    extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def check_writable(out, name: str, others: tuple) -> None:
+    """For ops that write ``out`` in place: no two of its elements share memory (an expanded
+    view), and it does not overlap the ``(tensor, name, alias_ok)`` tensors it reads, except as
+    the very same view (``alias_ok``: read and written element by element)."""
+    if out.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"pyllm: {name} has elements that share memory (an expanded or stride-0 view, shape "
+                         f"{list(out.shape)}, strides {list(out.stride())}); writing it in place would be "
+                         f"undefined: pass {name}.clone() (or .contiguous())")
+    if out.numel() == 0:
+        return
+    lo, hi = _byte_span(out)
+    for t, tname, alias_ok in others:
+        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        if alias_ok and t.data_ptr() == out.data_ptr() and t.shape == out.shape and t.stride() == out.stride():
+            continue
+        tlo, thi = _byte_span(t)
+        if tlo < hi and lo < thi:
+            raise ValueError(f"pyllm: {tname} overlaps the memory of {name}, which is written in place; pass "
+                             f"a copy ({tname}.clone())")
+
+
 def check_mask(mask, name: str, keep_word: str, ref_t, ref_name: str, target_shape, target_desc: str) -> None:
     """A bool (True = ``keep_word``) or floating additive mask, on ``ref_t``'s device,
     broadcastable to ``target_shape`` (``target_desc`` names that shape in the error)."""
@@ -59,18 +145,31 @@ def broadcastable_to(shape, target) -> bool:
     return all(s == 1 or s == t for s, t in zip(reversed(tuple(shape)), reversed(tuple(target))))
 
 
-def normalized(input, normalized_shape) -> tuple:
-    if isinstance(normalized_shape, (str, bytes)):
+def _dim(s) -> int:
+    if isinstance(s, bool):  # True would silently mean a dim of size 1
+        raise TypeError
+    return operator.index(s)  # not int(): 8.5 must not become 8
+
+
+def check_normalized_shape(normalized_shape) -> tuple:
+    """An int or a sequence of ints (not bools, not floats) -> the tuple of dims."""
+    if type(normalized_shape) is int:  # the common cases first: no per-call overhead
+        return (normalized_shape,)
+    if type(normalized_shape) in (tuple, torch.Size) and all(type(s) is int for s in normalized_shape):
+        return tuple(normalized_shape)
+    try:
+        if isinstance(normalized_shape, (str, bytes)):
+            raise TypeError
+        if isinstance(normalized_shape, numbers.Integral):
+            return (_dim(normalized_shape),)
+        return tuple(_dim(s) for s in normalized_shape)
+    except TypeError:
         raise TypeError(f"pyllm: normalized_shape must be an int or a sequence of ints, "
-                        f"got {normalized_shape!r}")
-    if isinstance(normalized_shape, int):
-        shape = (normalized_shape,)
-    else:
-        try:
-            shape = tuple(int(s) for s in normalized_shape)
-        except TypeError:
-            raise TypeError(f"pyllm: normalized_shape must be an int or a sequence of ints, "
-                            f"got {normalized_shape!r}") from None
+                        f"got {normalized_shape!r}") from None
+
+
+def normalized(input, normalized_shape) -> tuple:
+    shape = check_normalized_shape(normalized_shape)
     if len(shape) == 0 or len(shape) > input.dim() or tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise ValueError(f"pyllm: normalized_shape {list(shape)} must match the last dims of input "
                          f"of shape {list(input.shape)}")

@@ -14,7 +14,8 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import check_float, check_mask, check_same_device, empty, run
+from ._common import (check_finite, check_flag, check_float, check_mask, check_same_device, check_window, empty,
+                      run)
 from .masked_softmax import padding_keep
 
 # The CUDA kernel (and its emulation) keeps a row of the output in registers.
@@ -155,20 +156,34 @@ def _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
                              f"enable_gqa=True for grouped-query attention")
         if hk == 0 or hq % hk != 0:
             raise ValueError(f"pyllm: query heads ({hq}) must be a multiple of key/value heads ({hk})")
-    if not (0.0 <= float(dropout_p) < 1.0):
-        raise ValueError(f"pyllm: dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout(dropout_p)
+    check_flag(is_causal, "is_causal")
+    check_flag(enable_gqa, "enable_gqa")
     if causal_alignment not in ("top_left", "bottom_right"):
         raise ValueError(f"pyllm: causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
     if sliding_window is not None:
-        if (not isinstance(sliding_window, (tuple, list)) or len(sliding_window) != 2
-                or not all(isinstance(w, int) for w in sliding_window)):
-            raise TypeError(f"pyllm: sliding_window must be a (left, right) pair of ints (-1 = unbounded), "
-                            f"got {sliding_window!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"pyllm: scale must be a Python number or None, got {type(scale).__name__}")
+        sliding_window = check_window(sliding_window, "sliding_window")
+    check_scale(scale, "scale", query.shape[-1])
     if attn_mask is not None:
         check_mask(attn_mask, "attn_mask", "attend", query, "query", (*query.shape[:-1], key.shape[-2]),
                    "the scores' shape ([..., Hq, Lq, Lk])")
+    return sliding_window
+
+
+def check_dropout(dropout_p) -> None:
+    check_finite(dropout_p, "dropout_p")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"pyllm: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def check_scale(scale, name: str, head_dim: int) -> None:
+    """The softmax scale: None (1/sqrt(head dim), which needs a head dim >= 1) or a finite number."""
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+        raise TypeError(f"pyllm: {name} must be a Python number or None, got {type(scale).__name__}")
+    check_finite(scale, name, allow_none=True)
+    if scale is None and head_dim == 0:
+        raise ValueError(f"pyllm: the head dim is 0, so the default {name} 1/sqrt(head_dim) is undefined; "
+                         f"pass {name} explicitly")
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -187,8 +202,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     to the scaled scores, computed in the kernel (shift = Lk - Lq with bottom-right alignment, else
     0); the slopes get no gradient.
     """
-    _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                causal_alignment, sliding_window)
+    sliding_window = _check_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 causal_alignment, sliding_window)
     check_alibi(alibi_slopes, query.shape[-3], [query.shape[:-3]] if query.dim() > 3 else [], query, "query")
     dmax = max(query.shape[-1], value.shape[-1])
     d = backends.select("scaled_dot_product_attention", (query, key, value, attn_mask), LIMITS, (dmax,),
@@ -400,6 +415,36 @@ def bad_inputs():
                  "alibi shape"),
         BadInput(lambda: sdpa(q, q, q, alibi_slopes=torch.ones(2, dtype=torch.int32)), TypeError,
                  "alibi_slopes must be a floating tensor", "alibi dtype"),
+        BadInput(lambda: sdpa(q, q, q, alibi_slopes=torch.ones(2, device="meta")), ValueError,
+                 "alibi_slopes is on meta but query is on cpu", "alibi device"),
+        BadInput(lambda: sdpa(q, q, q, alibi_slopes=torch.ones(1, 1, 2)), ValueError,
+                 r"alibi_slopes must have shape \[2\] or \[1, 2\] .*got \[1, 1, 2\]", "alibi rank"),
+        BadInput(lambda: sdpa(q, q, q, dropout_p="0.1"), TypeError, "dropout_p must be a Python number, got str",
+                 "dropout str"),
+        BadInput(lambda: sdpa(q, q, q, dropout_p=None), TypeError, "dropout_p must be a Python number, got NoneType",
+                 "dropout None"),
+        BadInput(lambda: sdpa(q, q, q, dropout_p=float("nan")), ValueError, "dropout_p must be a finite number",
+                 "dropout NaN"),
+        BadInput(lambda: sdpa(q, q, q, dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\), got -0.1",
+                 "dropout negative"),
+        BadInput(lambda: sdpa(q, q, q, scale=True), TypeError, "scale must be a Python number or None, got bool",
+                 "scale bool"),
+        BadInput(lambda: sdpa(q, q, q, scale=float("nan")), ValueError, "scale must be a finite number, got nan",
+                 "scale NaN"),
+        BadInput(lambda: sdpa(q, q, q, is_causal="no"), TypeError, "is_causal must be a bool, got str 'no'",
+                 "is_causal str"),
+        BadInput(lambda: sdpa(q, q[:, :1], q[:, :1], enable_gqa=1), TypeError, "enable_gqa must be a bool, got int",
+                 "enable_gqa int"),
+        BadInput(lambda: sdpa(q, q, q, sliding_window=(True, 0)), TypeError, "sliding_window must be a .* pair of ints",
+                 "window bool"),
+        BadInput(lambda: sdpa(q, q, q, sliding_window=(-5, 0)), ValueError,
+                 r"sliding_window left width must be -1 \(unbounded\) or >= 0, got -5", "window negative"),
+        BadInput(lambda: sdpa(q[..., :0], q[..., :0], q), ValueError,
+                 r"head dim is 0, so the default scale 1/sqrt\(head_dim\) is undefined", "head dim 0"),
+        BadInput(lambda: sdpa(q, q, q[:, :, :3]), ValueError, r"key \[1, 2, 4, 8\] and value \[1, 2, 3, 8\] must agree",
+                 "key/value length"),
+        BadInput(lambda: sdpa(q, q.expand(2, 2, 4, 8), q.expand(2, 2, 4, 8)), ValueError, "batch dims differ",
+                 "no batch broadcast"),
     ]
 
 

@@ -119,6 +119,12 @@ def bad_inputs():
         BadInput(lambda: bias_gelu(x.int()), TypeError, "input must be a floating tensor", "dtype"),
         BadInput(lambda: bias_gelu(x, torch.randn(8, device="meta")), ValueError,
                  "bias is on meta but input is on cpu", "device"),
+        BadInput(lambda: bias_gelu(torch.tensor(1.0)), ValueError, "input must have at least 1 dimension", "scalar"),
+        BadInput(lambda: bias_gelu(x, torch.tensor(1.0)), ValueError, r"bias must have shape \[8\].*got \[\]",
+                 "0-dim bias"),
+        BadInput(lambda: bias_gelu(x, [0.0] * 8), TypeError, "bias must be a torch.Tensor, got list", "bias list"),
+        BadInput(lambda: bias_gelu(x, torch.ones(8, dtype=torch.int64)), TypeError, "bias must be a floating tensor",
+                 "bias dtype"),
     ]
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import (check_float, check_number, check_param, check_same_device, empty, flat,
+from ._common import (check_eps, check_float, check_param, check_same_device, check_writable, empty, flat,
                       flat_param, fmt_shape, normalized, param_grad, run)
 
 LIMITS = Limits(notes="any width; fp32 accumulation (fp64 mean) for every dtype")
@@ -61,7 +61,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     shape = normalized(input, normalized_shape)
     check_param(weight, "weight", input, shape)
     check_param(bias, "bias", input, shape)
-    check_number(eps, "eps")
+    check_eps(eps)
     x, w, b = flat(input, shape), flat_param(weight, shape), flat_param(bias, shape)
     d = backends.select("layer_norm", (input, weight, bias), LIMITS)
     if d.uses_kernel:
@@ -84,7 +84,7 @@ def _check_add(input, residual, normalized_shape, weight, bias, eps) -> tuple:
     shape = normalized(input, normalized_shape)
     check_param(weight, "weight", input, shape)
     check_param(bias, "bias", input, shape)
-    check_number(eps, "eps")
+    check_eps(eps)
     return shape
 
 
@@ -122,13 +122,15 @@ def add_layer_norm_(input: torch.Tensor, residual: torch.Tensor,
     ``F.layer_norm(x + r)`` writes two fresh tensors (whose new pages fault in on first touch).
     It has no backward: with autograd recording and any argument requiring grad it raises; use
     :func:`add_layer_norm` for training. A non-contiguous ``input`` is computed out of place and
-    copied back.
+    copied back. An ``input`` whose elements share memory (an expanded view) raises, as does a
+    ``weight``, ``bias`` or ``residual`` overlapping it (``residual`` may be ``input`` itself).
     """
     shape = _check_add(input, residual, normalized_shape, weight, bias, eps)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (input, residual, weight, bias)):
         raise RuntimeError("pyllm: add_layer_norm_ writes input in place and has no backward; an argument "
                            "requires grad: use add_layer_norm (out of place) for training, or torch.no_grad()")
+    check_writable(input, "input", ((residual, "residual", True), (weight, "weight", False), (bias, "bias", False)))
     d = backends.select("add_layer_norm", (input, residual, weight, bias), LIMITS)
     if d.uses_kernel and input.is_contiguous():
         x, r = flat(input, shape), flat(residual, shape)
@@ -299,6 +301,15 @@ def bad_inputs():
         BadInput(lambda: layer_norm(x, 8, eps="1e-5"), TypeError, "eps must be a Python number", "eps type"),
         BadInput(lambda: layer_norm(x, 8, torch.ones(8, device="meta")), ValueError,
                  "weight is on meta but input is on cpu", "device"),
+        BadInput(lambda: layer_norm(x, 8, eps=-1e-5), ValueError, r"eps must be >= 0, got -1e-05", "eps negative"),
+        BadInput(lambda: layer_norm(x, 8, eps=float("nan")), ValueError, "eps must be a finite number, got nan",
+                 "eps NaN"),
+        BadInput(lambda: layer_norm(x, [8.5]), TypeError,
+                 r"normalized_shape must be an int or a sequence of ints, got \[8.5\]", "float dim (not truncated)"),
+        BadInput(lambda: layer_norm(torch.randn(2, 1), True), TypeError,
+                 "normalized_shape must be an int or a sequence of ints, got True", "bool dim"),
+        BadInput(lambda: layer_norm(torch.tensor(1.0), 1), ValueError,
+                 r"normalized_shape \[1\] must match the last dims of input of shape \[\]", "0-dim input"),
     ]
 
 
@@ -314,6 +325,22 @@ def add_bad_inputs():
                  r"residual must have the input's shape \[2, 8\], got \[2, 1\]", "in place: broadcast"),
         BadInput(lambda: add_layer_norm_(x.clone().requires_grad_(), x, 8), RuntimeError,
                  "writes input in place and has no backward", "in place: requires grad"),
+        BadInput(lambda: add_layer_norm_(torch.randn(1, 8).expand(2, 8), x, 8), ValueError,
+                 r"input has elements that share memory \(an expanded or stride-0 view, shape \[2, 8\], "
+                 r"strides \[0, 1\]\)", "in place: expanded input"),
+        BadInput(lambda: (lambda buf: add_layer_norm_(buf[:16].view(2, 8), x, 8, buf[4:12]))(torch.randn(16)),
+                 ValueError, "weight overlaps the memory of input, which is written in place",
+                 "in place: weight aliases"),
+        BadInput(lambda: (lambda buf: add_layer_norm_(buf[:16].view(2, 8), buf[8:].view(2, 8), 8))(torch.randn(24)),
+                 ValueError, "residual overlaps the memory of input", "in place: residual overlaps"),
+        BadInput(lambda: add_layer_norm_(x.long(), x.long(), 8), TypeError, "input must be a floating tensor",
+                 "in place: int input"),
+        BadInput(lambda: add_layer_norm_(x.clone(), [1.0] * 8, 8), TypeError,
+                 "residual must be a torch.Tensor, got list", "in place: non-tensor residual"),
+        BadInput(lambda: add_layer_norm(x, x, 8, eps=float("inf")), ValueError, "eps must be a finite number, got inf",
+                 "eps inf"),
+        BadInput(lambda: add_layer_norm_(x.clone(), x, 8, eps=-1.0), ValueError, "eps must be >= 0",
+                 "in place: eps negative"),
     ]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import check_float, check_mask, empty, fmt_shape, run
+from ._common import check_finite, check_flag, check_float, check_mask, empty, fmt_shape, run
 
 LIMITS = Limits(notes="any length; bool or additive masks of any broadcast shape and strides")
 
@@ -67,11 +67,13 @@ def masked_softmax(input: torch.Tensor, mask: Optional[torch.Tensor] = None, sca
     check_float(input, "input")
     if input.dim() == 0:
         raise ValueError("pyllm: input must have at least 1 dimension, got a scalar")
+    check_flag(causal, "causal")
     if causal and input.dim() < 2:
         raise ValueError(f"pyllm: causal=True needs input with at least 2 dims [..., Lq, Lk], "
                          f"got shape {list(input.shape)}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"pyllm: scale must be a Python number, got {type(scale).__name__}")
+    check_finite(scale, "scale")
     if mask is not None:
         check_mask(mask, "mask", "keep", input, "input", input.shape, "input of shape")
     additive = mask if (mask is not None and mask.dtype != torch.bool) else None
@@ -179,6 +181,14 @@ def bad_inputs():
         BadInput(lambda: masked_softmax(torch.tensor(1.0)), ValueError, "at least 1 dimension", "scalar"),
         BadInput(lambda: masked_softmax(x, torch.ones(4, dtype=torch.bool, device="meta")), ValueError,
                  "mask is on meta but input is on cpu", "device"),
+        BadInput(lambda: masked_softmax(x, None, float("nan")), ValueError, "scale must be a finite number, got nan",
+                 "scale NaN"),
+        BadInput(lambda: masked_softmax(x, None, float("-inf")), ValueError, "scale must be a finite number, got -inf",
+                 "scale inf"),
+        BadInput(lambda: masked_softmax(x, None, 1.0, "yes"), TypeError, "causal must be a bool, got str 'yes'",
+                 "causal str"),
+        BadInput(lambda: masked_softmax(x, None, 1.0, None), TypeError, "causal must be a bool, got NoneType",
+                 "causal None"),
     ]
 
 

@@ -11,8 +11,8 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import (check_float, check_number, check_param, empty, flat, flat_param, fmt_shape,
-                      normalized, param_grad, run)
+from ._common import (check_eps, check_float, check_param, empty, flat, flat_param, fmt_shape, normalized,
+                      param_grad, run)
 
 STYLES = ("torch", "llama", "t5", "gemma")
 
@@ -78,9 +78,11 @@ def rms_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     check_float(input, "input")
     shape = normalized(input, normalized_shape)
     check_param(weight, "weight", input, shape)
-    check_number(eps, "eps", allow_none=True)
+    check_eps(eps, allow_none=True)
     if eps is None:
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    if not isinstance(style, str) or style not in STYLES:
+        raise ValueError(f"pyllm: style must be one of {STYLES}, got {style!r}")
     round_dtype, offset, out_dtype = style_args(style, input.dtype, None if weight is None else weight.dtype)
     x, w = flat(input, shape), flat_param(weight, shape)
     d = backends.select("rms_norm", (input, weight), LIMITS, (out_dtype,))
@@ -186,6 +188,14 @@ def bad_inputs():
         BadInput(lambda: rms_norm(x, 8, torch.ones(8, 1)), ValueError, r"weight must have shape \[8\]", "weight"),
         BadInput(lambda: rms_norm(x.int(), 8), TypeError, "input must be a floating tensor", "dtype"),
         BadInput(lambda: rms_norm(x, 8, eps=True), TypeError, "eps must be a Python number or None", "eps"),
+        BadInput(lambda: rms_norm(x, 8, eps=-1e-6), ValueError, "eps must be >= 0, got -1e-06", "eps negative"),
+        BadInput(lambda: rms_norm(x, 8, eps=float("nan")), ValueError, "eps must be a finite number, got nan",
+                 "eps NaN"),
+        BadInput(lambda: rms_norm(x, [8.0]), TypeError, r"normalized_shape must be an int or a sequence of ints",
+                 "float dim"),
+        BadInput(lambda: rms_norm(x, 8, style=None), ValueError, "style must be one of .*, got None", "style None"),
+        BadInput(lambda: rms_norm(x, 8, torch.ones(8, dtype=torch.bool)), TypeError,
+                 "weight must be a floating tensor", "bool weight"),
     ]
 
 

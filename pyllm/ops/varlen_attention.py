@@ -33,8 +33,8 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import check_float, check_same_device, check_tensor, empty, run
-from .attention import CUDA_MAX_HEAD_DIM, check_alibi, torch_keep
+from ._common import check_flag, check_float, check_int, check_same_device, check_tensor, check_window, empty, run
+from .attention import CUDA_MAX_HEAD_DIM, check_alibi, check_dropout, check_scale, torch_keep
 from .attention import reference as dense_reference
 
 
@@ -73,9 +73,20 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
     """The inverse of :func:`unpad_input`: ``[T, ...]`` -> ``[batch, seqlen, ...]`` with zeros at pad positions."""
     check_tensor(packed, "packed")
     check_tensor(indices, "indices")
+    if packed.dim() == 0:
+        raise ValueError("pyllm: packed must have at least 1 dimension [T, ...], got a scalar")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"pyllm: indices must be an int64 or int32 tensor (unpad_input's), got {indices.dtype}")
+    check_same_device(indices, "indices", packed, "packed")
     if indices.dim() != 1 or indices.numel() != packed.shape[0]:
         raise ValueError(f"pyllm: indices must be 1-D with one entry per packed row ({packed.shape[0]}), "
                          f"got shape {list(indices.shape)}")
+    batch, seqlen = check_int(batch, "batch", minimum=0), check_int(seqlen, "seqlen", minimum=0)
+    if indices.numel() and indices.device.type != "meta" and not torch.compiler.is_compiling():
+        lo, hi = (int(t) for t in torch.aminmax(indices))
+        if lo < 0 or hi >= batch * seqlen:
+            raise ValueError(f"pyllm: indices must be in [0, batch * seqlen) = [0, {batch * seqlen}), "
+                             f"got values from {lo} to {hi}")
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     out[indices] = packed
     return out.view(batch, seqlen, *packed.shape[1:])
@@ -107,12 +118,8 @@ def reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen
 
 
 # --------------------------------------------------------------------------- public wrapper
-def _check_cu(cu, name, total, what, ref):
-    check_tensor(cu, name)
-    if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 1:
-        raise TypeError(f"pyllm: {name} must be a non-empty 1-D int32 or int64 tensor, got shape "
-                        f"{list(cu.shape)} and dtype {cu.dtype}")
-    check_same_device(cu, name, ref, "q")
+def _check_cu(cu, name, total, what):
+    """The values of a (type-checked) cu_seqlens tensor; returns the sequence lengths."""
     v = cu.tolist()
     if v[0] != 0:
         raise ValueError(f"pyllm: {name} must start at 0, got {v[0]}")
@@ -148,26 +155,30 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     hq, hk = q.shape[1], k.shape[1]
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"pyllm: q heads ({hq}) must be a multiple of k/v heads ({hk})")
-    check_alibi(alibi_slopes, hq, [[cu_seqlens_q.shape[0] - 1]] if isinstance(cu_seqlens_q, torch.Tensor) else [],
-                q, "q")
-    if not (0.0 <= float(dropout_p) < 1.0):
-        raise ValueError(f"pyllm: dropout_p must be in [0, 1), got {dropout_p}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) for w in window_size)):
-        raise TypeError(f"pyllm: window_size must be a (left, right) pair of ints (-1 = unbounded), got {window_size!r}")
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"pyllm: softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
-    if not torch.compiler.is_compiling():
-        lq = _check_cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q", q)
-        lk = _check_cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k", q)
-        if len(lq) != len(lk):
-            raise ValueError(f"pyllm: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
-                             f"{len(lq) + 1} and {len(lk) + 1}")
+    for cu, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
+        check_tensor(cu, name)
+        if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 1:
+            raise TypeError(f"pyllm: {name} must be a non-empty 1-D int32 or int64 tensor, got shape "
+                            f"{list(cu.shape)} and dtype {cu.dtype}")
+        check_same_device(cu, name, q, "q")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"pyllm: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                         f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    check_alibi(alibi_slopes, hq, [[cu_seqlens_q.shape[0] - 1]], q, "q")
+    check_dropout(dropout_p)
+    check_flag(causal, "causal")
+    check_flag(return_lse, "return_lse")
+    wl, wr = check_window(window_size, "window_size")
+    check_scale(softmax_scale, "softmax_scale", q.shape[-1])
+    if not torch.compiler.is_compiling():  # (max_seqlen is not used below: no int guards under compile)
+        max_seqlen_q = check_int(max_seqlen_q, "max_seqlen_q", minimum=0)
+        max_seqlen_k = check_int(max_seqlen_k, "max_seqlen_k", minimum=0)
+        lq = _check_cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q")
+        lk = _check_cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k")
         for lens, mx, name in ((lq, max_seqlen_q, "max_seqlen_q"), (lk, max_seqlen_k, "max_seqlen_k")):
             if lens and mx < max(lens):
                 raise ValueError(f"pyllm: {name} ({mx}) is smaller than the longest sequence ({max(lens)})")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    wl, wr = int(window_size[0]), int(window_size[1])
     d = backends.select("varlen_attention", (q, k, v, cu_seqlens_q, cu_seqlens_k), LIMITS,
                         (max(q.shape[-1], v.shape[-1]),), typed=(q, k, v))
     if d.uses_kernel:
@@ -298,7 +309,8 @@ def bad_inputs():
         BadInput(lambda: f(q, k, v, cq.view(1, -1), ck, 3, 3), TypeError, "cu_seqlens_q must be a non-empty 1-D",
                  "cu_seqlens rank"),
         BadInput(lambda: f(q, k, v, cq + 1, ck, 3, 3), ValueError, "cu_seqlens_q must start at 0", "start"),
-        BadInput(lambda: f(q, k, v, torch.tensor([0, 4, 3, 5], dtype=torch.int32), ck, 3, 3), ValueError,
+        BadInput(lambda: f(q, k, v, torch.tensor([0, 4, 3, 5], dtype=torch.int32),
+                           torch.tensor([0, 2, 3, 5], dtype=torch.int32), 4, 3), ValueError,
                  "cu_seqlens_q must not decrease", "decreasing"),
         BadInput(lambda: f(q, k, v, torch.tensor([0, 3, 4], dtype=torch.int32), ck, 3, 3), ValueError,
                  r"cu_seqlens_q must end at the number of packed tokens of q \(5\), got 4", "last entry"),
@@ -312,6 +324,41 @@ def bad_inputs():
                  "rank"),
         BadInput(lambda: f(q, k, v, cq, ck, 3, 3, alibi_slopes=torch.ones(3)), ValueError,
                  r"alibi_slopes must have shape \[2\] or \[2, 2\]", "alibi shape"),
+        BadInput(lambda: f(q, k, v, torch.tensor(0, dtype=torch.int32), ck, 3, 3), TypeError,
+                 r"cu_seqlens_q must be a non-empty 1-D int32 or int64 tensor, got shape \[\]", "0-dim cu_seqlens"),
+        BadInput(lambda: f(q, k, v, cq, torch.tensor([0, 5], dtype=torch.int32), 3, 5), ValueError,
+                 r"cu_seqlens_q and cu_seqlens_k must have the same length \(batch \+ 1\), got 3 and 2", "batch sizes"),
+        BadInput(lambda: f(q, k, v, cq, ck, "3", 3), TypeError, "max_seqlen_q must be an int, got str",
+                 "max_seqlen str"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, True), TypeError, r"max_seqlen_k must be an int, got a bool",
+                 "max_seqlen bool"),
+        BadInput(lambda: f(q[:0], k[:0], v[:0], cq[:1], ck[:1], -1, 0), ValueError, "max_seqlen_q must be >= 0, got -1",
+                 "max_seqlen negative"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, window_size=(True, -1)), TypeError,
+                 r"window_size must be a \(left, right\) pair of ints", "window bool"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, window_size=(2, -3)), ValueError,
+                 r"window_size right width must be -1 \(unbounded\) or >= 0, got -3", "window negative"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, None), TypeError, "dropout_p must be a Python number, got NoneType",
+                 "dropout None"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, softmax_scale=float("inf")), ValueError,
+                 "softmax_scale must be a finite number, got inf", "scale inf"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, causal="no"), TypeError, "causal must be a bool, got str",
+                 "causal str"),
+        BadInput(lambda: f(q, k, v, cq, ck, 3, 3, alibi_slopes=torch.ones(2, dtype=torch.int64)), TypeError,
+                 "alibi_slopes must be a floating tensor", "alibi dtype"),
+        BadInput(lambda: f(q[..., :0], k[..., :0], v, cq, ck, 3, 3), ValueError,
+                 r"head dim is 0, so the default softmax_scale", "head dim 0"),
+        BadInput(lambda: f(q, k.half(), v, cq, ck, 3, 3), TypeError, "k must have q's dtype torch.float32", "k dtype"),
+        BadInput(lambda: pad_input(q, torch.tensor([0, 1, 2, 3, 99]), 2, 4), ValueError,
+                 r"indices must be in \[0, batch \* seqlen\) = \[0, 8\), got values from 0 to 99", "pad_input range"),
+        BadInput(lambda: pad_input(q, torch.tensor([0, 1, 2, 3, -1]), 2, 4), ValueError,
+                 r"got values from -1 to 3", "pad_input negative index"),
+        BadInput(lambda: pad_input(q, torch.arange(5.0), 2, 4), TypeError,
+                 "indices must be an int64 or int32 tensor", "pad_input float indices"),
+        BadInput(lambda: pad_input(q, torch.arange(5), "2", 4), TypeError, "batch must be an int, got str",
+                 "pad_input batch str"),
+        BadInput(lambda: unpad_input(torch.randn(2, 4, 8), torch.ones(4)), ValueError,
+                 r"attention_mask must have shape \[batch, seqlen\] = \[2, 4\]", "unpad_input mask shape"),
     ]
 
 
