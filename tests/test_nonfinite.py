@@ -1,11 +1,13 @@
-"""NaN and Inf propagate as in torch (issue 12, item 1).
+"""NaN and Inf propagate as in torch (issue 12, item 1), with one rule for hidden keys.
 
 The torch composition of each op is the oracle of *where* non-finite values appear: a NaN in a
-visible score makes that softmax row NaN everywhere (masked positions included), a NaN key makes
-every query that sees it NaN, an Inf in V gives what p @ V gives. Only rows whose keys are all
-masked get zeros. Checked row for row on the native kernels, the reference and the emulated CUDA
-kernels: first softmax scores and attention q / k / v, then one table over every op, input, dtype
-and backend, forward and backward (test_nonfinite_table; its notes and choices are above TABLE).
+visible score makes that softmax row NaN at every visible position, a NaN key makes every query
+that sees it NaN, an Inf in V gives what p @ V gives over the visible keys. A hidden key (score
+-inf) contributes nothing, forward or backward, and a hidden position of a softmax is a constant 0;
+rows whose keys are all masked get zeros. Checked row for row on the native kernels, the reference
+and the emulated CUDA kernels: first softmax scores and attention q / k / v, then one table over
+every op, input, dtype and backend, forward and backward (test_nonfinite_table; its notes and
+choices are above TABLE).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def _assert_same_pattern(got, want, what):
 def _softmax_torch(x, keep, scale):
     s = (x.double() * scale).masked_fill(~keep, -INF)
     dead = ~keep.any(-1, keepdim=True)  # only rows with no visible key get zeros
-    return torch.where(dead, 0.0, s.softmax(-1))
+    return torch.where(dead, 0.0, s.softmax(-1)).masked_fill(~keep, 0.0)  # hidden: a constant 0
 
 
 SOFTMAX_CASES = {
@@ -152,26 +154,25 @@ def test_attention_fully_masked_row_stays_zero_next_to_nan(backend):
 #   layer_norm       F.layer_norm;  add_layer_norm: s = x + r, (F.layer_norm(s), s)
 #   rms_norm         helpers.rms_norm_torch (F.rms_norm / the Hugging Face modules' formulas)
 #   bias_gelu        F.gelu(x + b, approximate)
-#   masked_softmax   helpers.softmax_torch: x * scale + additive mask; masked_fill(-inf) for a bool mask;
-#                    rows whose scores are all -inf masked_fill'ed to zero before and after softmax.
-#   attention        s = q k^T * scale - slope * |i - j| + additive mask, masked_fill(~keep, -inf),
-#                    softmax with dead rows zeroed as above, out = (p @ v) with dead rows zeroed.
+#   masked_softmax   _softmax_comp: x * scale + additive mask, masked_fill(-inf) for a bool mask,
+#                    softmax, hidden positions (score -inf) a constant 0.
+#   attention        _attention_comp: s = q k^T * scale - slope * |i - j| + additive mask,
+#                    masked_fill(~keep, -inf), softmax, out = sum over the visible keys of p * v.
 #   varlen_attention that attention per sequence (bottom-right causal keep, GQA by repeat_interleave),
 #                    concatenated: a NaN in one sequence leaves the other sequences finite.
-# Where torch's spellings disagree, the choice and why:
-#   - a bool mask is masked_fill (the reference's spelling), forward and backward: a key it hides gets
-#     a zero score gradient whatever flows into its row (masked_fill's backward), as its NaN score is
-#     replaced in the forward. F.scaled_dot_product_attention turns a bool mask into an additive -inf
-#     and gives NaN there (0 * NaN). An *additive* -inf is an addition in every spelling: NaN + -inf is
-#     NaN, and the gradient at such a key is p * (dp - <dp, p>) = 0 * NaN = NaN once the row has a NaN.
-#   - a fully masked row is the constant zero (the issue: "fully-masked rows still give zeros"; the
-#     reference's docstring: "zeros (and zero gradients), never NaN"): zero even where V holds a NaN or
-#     Inf (torch's SDPA and `p @ v` give 0 * NaN there), zero gradient for its own q / x / mask even
-#     where K holds a NaN, and its grad_output reaches no other gradient (dV, dK).
-#   - otherwise p @ v and dS @ K are dense products, as in every torch spelling (SDPA's math and flash
-#     CPU kernels included): a hidden key's NaN / Inf V reaches every query of its head (0 * NaN), a
-#     hidden key's NaN K reaches the dQ of queries that cannot see it, and a NaN row's probabilities
-#     are NaN at its hidden keys too (softmax of a row with a NaN), reaching their dV / dK.
+# The rule for hidden keys (pyllm's, documented in docs/RELIABILITY.md and pyllm/ops/attention.py):
+#   - a key whose final score is -inf for a query -- hidden by a bool mask (masked_fill), the causal
+#     or window geometry, or an additive -inf -- contributes nothing to that query, forward or
+#     backward: not its K or V even when they hold a NaN / Inf, and no gradient reaches its score.
+#     This is FlashAttention's behaviour (hidden keys are never read) and the only one a kernel that
+#     skips hidden tiles can keep. torch's dense spellings differ exactly there: p @ v gives
+#     0 * NaN = NaN from a hidden key's V, and F.scaled_dot_product_attention turns a bool mask into an
+#     additive -inf and spreads a NaN through it. The compositions above are written elementwise with
+#     the hidden pairs' operands replaced by zeros, so torch computes the rule itself.
+#   - a NaN score (a NaN in q, in a visible k, in an additive mask, in an ALiBi slope; NaN + -inf is
+#     NaN) is visible: its row is NaN at every visible key, as torch's softmax gives it.
+#   - a fully masked row is the constant zero with zero gradients (the issue: "fully-masked rows still
+#     give zeros"), and its grad_output reaches nothing.
 EPS = 1e-5
 N = 37  # norm / gelu width: a vector body plus a tail on the CPU kernels
 
@@ -259,18 +260,49 @@ def _varlen_inputs():
 
 # ------------------------------------------------------------------------------------ torch compositions
 def _attention_comp(q, k, v, keep=None, bias=None, slopes=None):
-    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if slopes is not None:
-        i = torch.arange(q.shape[-2]).unsqueeze(-1)
-        dist = (i - torch.arange(k.shape[-2])).abs().to(s.dtype)
-        s = s - slopes.to(s.dtype)[:, None, None] * dist
-    if bias is not None:
-        s = s + bias
-    if keep is not None:
-        s = s.masked_fill(~keep, -INF)
-    dead = (s == -INF).all(-1, keepdim=True)
-    p = s.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
-    return (p @ v).masked_fill(dead, 0.0)  # a dead row is zero even where V holds a NaN / Inf
+    """The rule, in torch ops: a key whose final score is -inf for a query (hidden) contributes
+    nothing to that query, forward or backward. Every product is written elementwise with the hidden
+    pairs' operands replaced by zeros (torch.where drops the gradient there), so IEEE 0 * NaN never
+    meets a hidden key's K / V or the query's dO."""
+    scale = q.shape[-1] ** -0.5
+    lq, lk = q.shape[-2], k.shape[-2]
+    dist = (torch.arange(lq).unsqueeze(-1) - torch.arange(lk)).abs()
+
+    def extras(s, b):
+        if slopes is not None:
+            s = s - slopes.to(s.dtype)[:, None, None] * dist.to(s.dtype)
+        if b is not None:
+            s = s + b
+        return s if keep is None else s.masked_fill(~keep, -INF)
+
+    with torch.no_grad():
+        hidden = extras((q @ k.transpose(-2, -1)) * scale, bias) == -INF
+    h = hidden.unsqueeze(-1)
+    qx = torch.where(h, 0.0, q.unsqueeze(-2))
+    kx = torch.where(h, 0.0, k.unsqueeze(-3))
+    s = extras((qx * kx).sum(-1) * scale, None if bias is None else torch.where(hidden, 0.0, bias))
+    s = s.masked_fill(hidden, -INF)
+    dead = hidden.all(-1, keepdim=True)
+    p = s.masked_fill(dead, 0.0).softmax(-1).masked_fill(hidden, 0.0)
+    return (p.unsqueeze(-1) * torch.where(h, 0.0, v.unsqueeze(-3))).sum(-2)
+
+
+def _softmax_comp(x, mask, scale):
+    """softmax(x * scale + mask) with the rule: a position whose score is -inf (hidden by a bool mask
+    or an additive -inf; every position of a fully masked row) is a constant 0, so its gradient,
+    even a NaN one, reaches nothing; in a row holding a NaN score too (torch's softmax would make
+    the hidden positions NaN as well: the one place pyllm's answer differs, by design)."""
+    s = x * scale
+    if mask.dtype == torch.bool:
+        s = s.masked_fill(~mask, -INF)
+    else:
+        with torch.no_grad():
+            hid = (s + mask) == -INF
+        s = s + torch.where(hid, 0.0, mask)
+        s = s.masked_fill(hid, -INF)
+    hidden = (s == -INF).detach()
+    dead = hidden.all(-1, keepdim=True)
+    return s.masked_fill(dead, 0.0).softmax(-1).masked_fill(hidden, 0.0)
 
 
 def _varlen_comp(t):
@@ -323,12 +355,12 @@ OPS = {
     "masked_softmax[additive]": _Op(
         lambda: _softmax_inputs(True),
         lambda t: (PF.masked_softmax(t["x"], t["mask"], _SOFTMAX_SCALE),),
-        lambda t: (softmax_torch(t["x"], t["mask"], _SOFTMAX_SCALE),),
+        lambda t: (_softmax_comp(t["x"], t["mask"], _SOFTMAX_SCALE),),
         "masked_softmax", diff=("x", "mask"), dead=((4,), ("x", "mask"))),
     "masked_softmax[bool]": _Op(
         lambda: _softmax_inputs(False),
         lambda t: (PF.masked_softmax(t["x"], t["mask"], _SOFTMAX_SCALE),),
-        lambda t: (softmax_torch(t["x"], t["mask"], _SOFTMAX_SCALE),),
+        lambda t: (_softmax_comp(t["x"], t["mask"], _SOFTMAX_SCALE),),
         "masked_softmax", diff=("x",), dead=((4,), ("x",))),
     "attention[additive]": _Op(
         lambda: _attn_inputs("additive"),
@@ -439,37 +471,6 @@ TABLE = [
 ]
 
 
-# Rows NOT run in CI: where the kernels or the reference differ from the composition above today,
-# and where the fix depends on one open decision (issue 12, left open for it): does a key hidden
-# from a query contribute *nothing* to that query, forward and backward (FlashAttention's rule, the
-# only one a kernel that skips hidden tiles can keep: the emulated CUDA kernel already does), or a
-# dense 0 * NaN as in p @ v (torch's spelling, which the native CPU kernel follows in part)? And the
-# softmax backward gets no mask, so it cannot zero hidden positions (native and emulated give
-# NaN there and in dead rows). Per row, which backends differ and how: docs/RELIABILITY.md
-# ("Open: non-finite values at hidden keys"); repro: `python scripts/nonfinite_open.py`.
-OPEN = {
-    "attention[additive]-grad[0,0,1,3]=nan",
-    "attention[additive]-grad[0,0,2,5]=+inf",
-    "attention[additive]-grad[0,1,3,0]=nan",
-    "attention[additive]-mask[0,0,1,2]=nan",
-    "attention[additive]-mask[0,1,3,0]=nan",
-    "attention[additive]-v[0,1,4,5]=-inf",
-    "attention[alibi]-grad[0,0,0,1]=nan",
-    "attention[alibi]-k[0,0,5,1]=nan",
-    "attention[alibi]-q[0,1,2,0]=nan",
-    "attention[alibi]-slopes[1]=nan",
-    "masked_softmax[additive]-grad[4,2]=nan",
-    "masked_softmax[bool]-grad[1,17]=nan",
-    "masked_softmax[bool]-grad[4,2]=nan",
-    "varlen_attention-grad[4,1,3]=nan",
-    "varlen_attention-grad[8,0,0]=nan",
-    "varlen_attention-k[5,0,2]=nan",
-    "varlen_attention-k[8,0,0]=nan",
-    "varlen_attention-q[4,1,3]=nan",
-    "varlen_attention-v[6,0,7]=-inf",
-    "varlen_attention-v[6,0,7]=nan",
-}
-RUN = [c for c in TABLE if c.id not in OPEN]
 
 TABLE_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
                 pytest.param(torch.float16, id="fp16")]
@@ -532,7 +533,7 @@ def _expected_path(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", TABLE_DTYPES)
-@pytest.mark.parametrize("case", RUN, ids=[c.id for c in RUN])
+@pytest.mark.parametrize("case", TABLE, ids=[c.id for c in TABLE])
 def test_nonfinite_table(case, dtype, backend):
     """One TABLE row: the value written into one input (after the cast to dtype); outputs and, where
     the row asks for it, gradients against the fp64 torch composition (see the notes above TABLE)."""
@@ -585,11 +586,6 @@ def test_nonfinite_table(case, dtype, backend):
         _check(g, w, b, f"{case.id} d{n}", mult=3.0, kinds=kinds)
         if zero_rows:
             assert bool((g[dead] == 0).all()), f"{case.id} d{n}: fully masked rows must get zero gradients"
-
-
-def test_open_rows_are_table_rows():
-    """OPEN names rows of TABLE (so the list stays true when rows change)."""
-    assert OPEN <= {c.id for c in TABLE}, sorted(OPEN - {c.id for c in TABLE})
 
 
 def test_nonfinite_table_covers_every_op():

@@ -74,6 +74,41 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   at::addmm_out(c, c, ta ? a.t() : a, tb ? b.t() : b, beta, alpha);
 }
 
+// C = beta * C + alpha * op(A) op(B) where the terms with op(A)[i][k] == 0 are skipped: a zero
+// probability (a hidden key, a dropped or fully masked entry) or a zero score gradient contributes
+// nothing, even against a NaN or Inf in B, where IEEE 0 * NaN would make the output NaN (pyllm's
+// non-finite rule, FlashAttention's too: hidden keys are never read). One dense GEMM into a scratch
+// block; a non-finite value in B always leaves a non-finite value in its product rows, so only the
+// rows that come out non-finite (NaN inputs: rare) are redone term by term.
+void zgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda,
+           const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  thread_local std::vector<float> tmp;
+  if ((int64_t)tmp.size() < m * n) tmp.resize(m * n);
+  float* t = tmp.data();
+  gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, 0.f, t, n);
+  for (int64_t i = 0; i < m; ++i) {
+    float* tr = t + i * n;
+    float z = 0.f;
+#pragma omp simd reduction(+ : z)
+    for (int64_t j = 0; j < n; ++j) z += tr[j] * 0.f;  // NaN iff the row holds a NaN or an Inf
+    if (z == 0.f) continue;
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const float av = ta ? A[kk * lda + i] : A[i * lda + kk];
+        if (av != 0.f) acc += (double)av * (tb ? B[j * ldb + kk] : B[kk * ldb + j]);
+      }
+      tr[j] = alpha * (float)acc;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    float* cr = C + i * ldc;
+    const float* tr = t + i * n;
+    if (beta == 0.f) std::copy(tr, tr + n, cr);
+    else for (int64_t j = 0; j < n; ++j) cr[j] = beta * cr[j] + tr[j];
+  }
+}
+
 // Runs fn(task) for task in [0, n) on all threads, handing out tasks dynamically
 // (causal blocks have very different costs).
 template <typename F>
@@ -286,7 +321,7 @@ void forward_block(const Args& a, const RowBlock& rb, int64_t kbeg, int64_t kend
     }
     if (any) {
       const Blk vb = v_block(a, rb.b, rb.kvh, k0, n, w.vb);
-      gemm(false, false, R, Dv, n, 1.f, s, n, vb.p, vb.ld, 1.f, o, Dv);
+      zgemm(false, false, R, Dv, n, 1.f, s, n, vb.p, vb.ld, 1.f, o, Dv);
     }
   }
 }
@@ -421,7 +456,12 @@ bool recompute_block(const Args& a, const BwdArgs& g, const RowBlock& rb, int64_
       continue;
     }
     any = true;
-    row::exp_sub(sr, sr, n, lse_rows[r]);
+    if (lse_rows[r] != lse_rows[r]) {
+      // A row holding a NaN score: P is NaN at its visible keys, 0 at the hidden ones (-inf).
+      for (int64_t j = 0; j < n; ++j) sr[j] = sr[j] == kNegInf ? 0.f : std::numeric_limits<float>::quiet_NaN();
+    } else {
+      row::exp_sub(sr, sr, n, lse_rows[r]);
+    }
     if (a.dropout_p > 0.f) {
       // dV uses the dropped probabilities; dS uses the dropped dP with the undropped P.
       if (pdrop) {
@@ -431,6 +471,10 @@ bool recompute_block(const Args& a, const BwdArgs& g, const RowBlock& rb, int64_
       dropout_row(a, dpr, rid, k0, n);
     }
     row::sub_mul(sr, dpr, dpr, n, delta_rows[r]);  // dS (overwrites dP)
+    // A zero probability contributes nothing: dS is 0 there even when dP is NaN (a NaN in a hidden
+    // key's V, or in this query's dO), never 0 * NaN.
+    for (int64_t j = 0; j < n; ++j)
+      if (sr[j] == 0.f) dpr[j] = 0.f;
   }
   return any;
 }
@@ -455,7 +499,7 @@ void attention_backward_impl(const Args& a, const BwdArgs& g) {
       const Blk kb = k_block(a, b, rb.kvh, k0, n, w.kb), vb = v_block(a, b, rb.kvh, k0, n, w.vb);
       if (!recompute_block(a, g, rb, k0, n, kb, vb, g.dout + rid0 * Dv, g.lse + rid0, g.delta + rid0, w, nullptr))
         continue;
-      gemm(false, false, R, D, n, a.scale, w.s2.data(), n, kb.p, kb.ld, 1.f, w.dq.data(), D);
+      zgemm(false, false, R, D, n, a.scale, w.s2.data(), n, kb.p, kb.ld, 1.f, w.dq.data(), D);
       if (g.dmask)
         for (int64_t r = 0; r < R; ++r)
           std::copy(w.s2.data() + r * n, w.s2.data() + (r + 1) * n, g.dmask + (rid0 + r) * a.Lk + k0);
@@ -485,9 +529,9 @@ void attention_backward_impl(const Args& a, const BwdArgs& g) {
         float* pd = a.dropout_p > 0.f ? w.dd.data() : nullptr;
         if (!recompute_block(a, g, rb, k0, n, kb, vb, g.dout + rid0 * Dv, g.lse + rid0, g.delta + rid0, w, pd))
           continue;
-        gemm(true, false, n, Dv, R, 1.f, pd ? pd : w.s.data(), n, g.dout + rid0 * Dv, Dv, 1.f, w.dv.data(), Dv);
+        zgemm(true, false, n, Dv, R, 1.f, pd ? pd : w.s.data(), n, g.dout + rid0 * Dv, Dv, 1.f, w.dv.data(), Dv);
         // dK = scale * dS^T Q = dS^T (scale * Q)
-        gemm(true, false, n, D, R, 1.f, w.s2.data(), n, w.qs.data(), D, 1.f, w.dk.data(), D);
+        zgemm(true, false, n, D, R, 1.f, w.s2.data(), n, w.qs.data(), D, 1.f, w.dk.data(), D);
       }
     }
     std::copy(w.dk.begin(), w.dk.begin() + n * D, g.dk + (bkv * a.Lk + k0) * D);

@@ -1,6 +1,7 @@
 // CPU kernels: LayerNorm, add+LayerNorm, RMSNorm (forward and backward).
 // fp32 accumulation for every dtype; rows in parallel; two-pass mean/variance on an
 // fp32 copy of the row (in cache), which is more accurate than one-pass Welford.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -135,12 +136,21 @@ void add_layer_norm_inplace(at::Tensor& input, const at::Tensor& residual_,
   check_norm_param(weight, input, "weight");
   check_norm_param(bias, input, "bias");
   TORCH_CHECK(input.is_contiguous(), "pyllm: add_layer_norm_ needs a contiguous input (it is written in place)");
-  const at::Tensor residual = residual_.contiguous();
+  // Operands that share memory with the input would be read after rows of it are overwritten: read
+  // them from a copy (the residual may be the input itself: each row is read before it is written).
+  auto apart = [&](const at::Tensor& t, bool same_ok) {
+    const auto st = at::get_overlap_status(input, t);
+    return (st == at::MemOverlapStatus::No || (same_ok && st == at::MemOverlapStatus::Full)) ? t : t.clone();
+  };
+  const at::Tensor residual = apart(residual_, true).contiguous();
+  std::optional<at::Tensor> weight_, bias_;
+  if (weight.has_value() && weight->defined()) weight_ = apart(*weight, false);
+  if (bias.has_value() && bias->defined()) bias_ = apart(*bias, false);
   const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
   if (input.numel() == 0) return;
   at::Tensor wh, bh;
-  const float* w = opt_float_ptr(weight, wh);
-  const float* b = opt_float_ptr(bias, bh);
+  const float* w = opt_float_ptr(weight_, wh);
+  const float* b = opt_float_ptr(bias_, bh);
   const at::ScalarType st = input.scalar_type();
   PYLLM_DISPATCH_FLOATING(st, "pyllm_add_layer_norm_inplace_cpu", [&] {
     scalar_t* x = input.data_ptr<scalar_t>();

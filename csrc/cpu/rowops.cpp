@@ -506,8 +506,17 @@ PYLLM_MULTIVERSION void bias_gelu_backward(const float* dy, const float* x, cons
 }
 PYLLM_MULTIVERSION void softmax_backward(const float* dy, const float* y, float* dx, int64_t n,
                                          float s) {
-  const float d = dot(dy, y, n);  // blocked, fp64 across blocks
-  SIMD for (int64_t i = 0; i < n; ++i) dx[i] = s * y[i] * (dy[i] - d);
+  // A probability of exactly zero (a hidden key, a fully masked row) contributes nothing: its dy
+  // is not read, even a NaN, and its dx is 0 (pyllm's non-finite rule). The masked dot is taken
+  // only when a zero meets a non-finite dy, so the common path stays one vectorized dot.
+  float d = dot(dy, y, n);  // blocked, fp64 across blocks
+  if (d != d) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      if (y[i] != 0.f) acc += (double)dy[i] * y[i];
+    d = (float)acc;
+  }
+  SIMD for (int64_t i = 0; i < n; ++i) dx[i] = y[i] != 0.f ? s * y[i] * (dy[i] - d) : 0.f;
 }
 
 }  // namespace pyllm::cpu::row

@@ -63,13 +63,21 @@ void softmax_rows(const at::Tensor& input, const at::Tensor& mask_full, const Ro
       // fp32 output is written in place; other dtypes go through buf.
       float* yr = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * n) : buf.data();
       constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-      if (mx == kNegInf) {  // fully masked (or all -inf): zeros; all visible scores NaN: NaN
+      // A row holding a NaN score is NaN at its visible positions; hidden positions (score -inf)
+      // stay 0 in every row (pyllm's non-finite rule).
+      auto nan_row = [&]() {
+        masked_scores<T, M>(x + r * n, mrow, mi.col_stride, valid, scale, buf.data());
+        for (int64_t j = 0; j < valid; ++j) yr[j] = buf[j] == kNegInf ? 0.f : kNaN;
+        std::fill(yr + valid, yr + n, 0.f);
+      };
+      if (mx == kNegInf) {  // fully masked (or all -inf): zeros; visible scores all NaN: NaN there
         const bool nan = std::any_of(buf.data(), buf.data() + valid, [](float v) { return v != v; });
-        std::fill(yr, yr + n, nan ? kNaN : 0.f);
+        if (nan) nan_row();
+        else std::fill(yr, yr + n, 0.f);
       } else {
         const float s = row::exp_sub_sum(buf.data(), buf.data(), valid, mx);
-        if (s != s) {  // a visible NaN score: the whole row is NaN, masked positions too (as torch)
-          std::fill(yr, yr + n, kNaN);
+        if (s != s) {  // a visible NaN score
+          nan_row();
         } else {
           row::scale(buf.data(), yr, valid, 1.f / s);
           std::fill(yr + valid, yr + n, 0.f);

@@ -1,6 +1,6 @@
 // CUDA kernels: softmax(input * scale + mask) over the last dim with bool/additive
 // masks of any broadcast shape and strides, top-left causal masking, and zeros for
-// fully-masked rows; backward dx = scale * y * (dy - sum(dy * y)).
+// fully-masked rows; backward dx = scale * y * (dy - sum(dy * y)), zero-probability terms skipped.
 // One warp per row up to 1024 columns, one block per row beyond: no length limit.
 #include "common.cuh"
 #include "../include/pyllm/broadcast.h"
@@ -40,8 +40,8 @@ __global__ void masked_softmax_fwd_kernel(const T* __restrict__ x, const M* __re
     else mx = fmaxf(mx, s);
   }
   mx = team.max(mx);
-  // A visible NaN score makes the whole row NaN, as torch's softmax does (never zeros: only rows
-  // whose keys are all masked get zeros).
+  // A visible NaN score makes the row NaN at every visible position, as torch's softmax does (never
+  // zeros: only rows whose keys are all masked get zeros); hidden positions stay 0.
   if (team.sum(nans) > 0.f) mx = NAN;
   float acc = 0.f;
   if (mx != -INFINITY) {
@@ -55,11 +55,10 @@ __global__ void masked_softmax_fwd_kernel(const T* __restrict__ x, const M* __re
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
       float p = 0.f;
-      if (mx != mx) {
-        p = NAN;  // a NaN row: NaN everywhere, masked positions included (as torch)
-      } else if (j < valid && mx != -INFINITY) {
+      if (j < valid && mx != -INFINITY) {
         const float s = apply_mask(load_float(x[base + j]) * scale, mask, mbase + j * mi.col_stride);
-        p = (s == -INFINITY) ? 0.f : expf(s - mx) * inv;
+        // A NaN row is NaN at its visible positions; a hidden one (-inf) is 0 in every row.
+        p = (s == -INFINITY) ? 0.f : (mx != mx ? NAN : expf(s - mx) * inv);
       }
       y[base + j] = store_float<T>(p);
     }
@@ -74,14 +73,18 @@ __global__ void masked_softmax_bwd_kernel(const T* __restrict__ dy, const T* __r
   const bool active = team.row < rows;
   const int64_t base = active ? team.row * n : 0;
   float acc = 0.f;
+  // A probability of exactly zero (a hidden key, a fully masked row) contributes nothing: its
+  // dy is not read into the dot, even a NaN, and its dx is 0 (pyllm's non-finite rule).
   if (active)
-    for (int64_t j = team.tid; j < n; j += team.size)
-      acc += load_float(dy[base + j]) * load_float(y[base + j]);
+    for (int64_t j = team.tid; j < n; j += team.size) {
+      const float yv = load_float(y[base + j]);
+      if (yv != 0.f) acc += load_float(dy[base + j]) * yv;
+    }
   const float dot = team.sum(acc);
   if (active)
     for (int64_t j = team.tid; j < n; j += team.size) {
       const float yv = load_float(y[base + j]);
-      dx[base + j] = store_float<T>(scale * yv * (load_float(dy[base + j]) - dot));
+      dx[base + j] = store_float<T>(yv != 0.f ? scale * yv * (load_float(dy[base + j]) - dot) : 0.f);
     }
 }
 

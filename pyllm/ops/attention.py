@@ -81,6 +81,65 @@ def check_alibi(alibi_slopes, heads: int, batch_shapes, ref, ref_name: str) -> N
                          f"head), got {list(alibi_slopes.shape)}")
 
 
+# --------------------------------------------------------------------------- non-finite rule
+# A key whose probability for a query is exactly zero (hidden by a mask, the causal/window geometry
+# or an additive -inf; every key of a fully masked row) contributes nothing to that query, forward or
+# backward, even when its K or V, or the query's dO, holds a NaN or an Inf: IEEE 0 * NaN = NaN would
+# spread it. This is FlashAttention's behaviour (hidden keys are never read) and the only one a
+# kernel that skips hidden tiles can keep; pyllm's kernels and this reference all follow it. The two
+# products of attention are therefore "zero-skipping" here: dense matmuls when the operand is finite
+# (the common case: one isfinite pass), and only otherwise the terms that meet a zero are dropped.
+
+
+def _zmm(a, b):
+    """a @ b with the terms whose a-entry is exactly 0 skipped (see above). Under torch.compile the
+    plain product (no data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return a @ b
+    fin = torch.isfinite(b)
+    if bool(fin.all()):
+        return a @ b
+    out = a @ torch.where(fin, b, 0)
+    nz_pos, nz_neg = (a > 0).to(a.dtype), (a < 0).to(a.dtype)
+    nz = (a != 0).to(a.dtype)  # NaN entries of a count too: NaN * finite is NaN already in `out`
+    nan = nz @ torch.isnan(b).to(a.dtype)
+    pinf, ninf = (b == float("inf")).to(a.dtype), (b == float("-inf")).to(a.dtype)
+    pos = nz_pos @ pinf + nz_neg @ ninf   # terms that are +inf
+    neg = nz_pos @ ninf + nz_neg @ pinf   # terms that are -inf
+    out = torch.where(pos > 0, float("inf"), out)
+    out = torch.where(neg > 0, float("-inf"), out)
+    return torch.where((nan > 0) | ((pos > 0) & (neg > 0)), float("nan"), out)
+
+
+class _ScoreMatmul(torch.autograd.Function):
+    """q @ k^T; its backward skips the zero score gradients (hidden keys): dq = dS k, dk = dS^T q."""
+
+    @staticmethod
+    def forward(ctx, q, k):
+        ctx.save_for_backward(q, k)
+        return q @ k.transpose(-2, -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        return _zmm(g, k), _zmm(g.transpose(-2, -1), q)
+
+
+class _ProbMatmul(torch.autograd.Function):
+    """p @ v skipping zero probabilities; backward: dp = dO v^T (zero where p is zero), dv = p^T dO."""
+
+    @staticmethod
+    def forward(ctx, p, v):
+        ctx.save_for_backward(p, v)
+        return _zmm(p, v)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, v = ctx.saved_tensors
+        dp = (g @ v.transpose(-2, -1)).masked_fill(p == 0, 0.0)
+        return dp, _zmm(p.transpose(-2, -1), g)
+
+
 def reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
               scale=None, enable_gqa=False, causal_alignment="top_left",
               sliding_window=None, return_lse=False, alibi_slopes=None):
@@ -101,7 +160,7 @@ def reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         k = k.repeat_interleave(hq // hk, dim=-3)
         v = v.repeat_interleave(hq // hk, dim=-3)
     d = q.shape[-1]
-    s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d) if scale is None else scale)
+    s = _ScoreMatmul.apply(q, k) * (1.0 / math.sqrt(d) if scale is None else scale)
     if alibi_slopes is not None:
         lq, lk = q.shape[-2], k.shape[-2]
         shift = lk - lq if causal_alignment == "bottom_right" else 0
@@ -114,14 +173,17 @@ def reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
             s = s + acc(attn_mask)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
+    # No gradient reaches a hidden score, whatever hid it (an additive -inf included): see above.
+    hidden = (s == float("-inf")).detach()
+    s = s.masked_fill(hidden, float("-inf"))
     # A query whose keys are all masked gets zeros (and zero gradients), never NaN.
-    dead = s.amax(-1, keepdim=True) == float("-inf")
+    dead = hidden.all(-1, keepdim=True)
     s = torch.where(dead, torch.zeros_like(s), s)
     p = torch.softmax(s, -1)
-    p = torch.where(dead, torch.zeros_like(p), p)
+    p = p.masked_fill(hidden, 0.0)  # hidden keys (dead rows too): exactly 0, in a NaN row as well
     if dropout_p > 0.0:
         p = TF.dropout(p, dropout_p, training=True)
-    out = (p @ v).to(query.dtype)
+    out = _ProbMatmul.apply(p, v).to(query.dtype)
     if return_lse:
         lse = torch.where(dead, torch.full_like(dead, float("-inf"), dtype=s.dtype), s.logsumexp(-1, keepdim=True))
         return out, lse.squeeze(-1)

@@ -30,7 +30,8 @@ def reference(x, mask=None, scale=1.0, causal=False):
     """softmax(x * scale + mask) over the last dim, in fp32, returned in x's dtype.
 
     mask: bool (True = keep) or additive float, broadcastable to x. causal=True hides
-    keys after the query (top-left). Rows with no visible key give zeros, not NaN.
+    keys after the query (top-left). Rows with no visible key give zeros, not NaN; a hidden
+    position is 0 even in a row that holds a NaN.
     """
     if x.shape[-1] == 0:  # no keys: nothing to normalize (amax over an empty dim fails)
         return torch.empty_like(x)
@@ -46,11 +47,15 @@ def reference(x, mask=None, scale=1.0, causal=False):
         keep = c if keep is None else keep & c
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    # A row whose keys are all masked (every score -inf) gives zeros; it is softmaxed as zeros
-    # and then cleared, so neither the output nor its gradient is NaN. NaN scores stay NaN.
-    dead = s.amax(-1, keepdim=True) == float("-inf")
+    # A hidden position (score -inf: a bool mask, causal, an additive -inf) is a constant 0, in a
+    # row holding a NaN too, and no gradient reaches it or comes from it (pyllm's non-finite rule,
+    # docs/RELIABILITY.md). A row whose keys are all masked gives zeros; it is softmaxed as zeros and
+    # then cleared, so neither the output nor its gradient is NaN. NaN scores stay NaN.
+    hidden = (s == float("-inf")).detach()
+    s = s.masked_fill(hidden, float("-inf"))
+    dead = hidden.all(-1, keepdim=True)
     p = torch.softmax(torch.where(dead, torch.zeros_like(s), s), -1)
-    p = torch.where(dead, torch.zeros_like(p), p)
+    p = p.masked_fill(hidden, 0.0)
     return p.to(x.dtype)
 
 

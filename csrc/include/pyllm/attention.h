@@ -40,8 +40,10 @@ inline AttnGeom make_attn_geom(int64_t lq, int64_t lk, bool causal, bool bottom_
   g.lk = lk;
   g.shift = bottom_right ? lk - lq : 0;
   g.causal = causal;
-  g.wl = wl < 0 ? -1 : wl;
-  g.wr = wr < 0 ? -1 : wr;
+  // A window wider than lq + lk sees every key: clamp it so i + shift + w never overflows.
+  const int64_t wmax = lq + lk;
+  g.wl = wl < 0 ? -1 : (wl > wmax ? wmax : wl);
+  g.wr = wr < 0 ? -1 : (wr > wmax ? wmax : wr);
   return g;
 }
 
