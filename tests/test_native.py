@@ -267,3 +267,41 @@ def test_outputs_do_not_alias(op):
         outs = () if outs is None else outs if isinstance(outs, tuple) else (outs,)  # in-place ops: none
         ptrs = [o.untyped_storage().data_ptr() for o in outs if o.numel() > 0]
         assert len(ptrs) == len(set(ptrs)), f"{op}: outputs share storage"
+
+
+def _kernel_namespaces():
+    out = [pytest.param("pyllm", id="native", marks=needs_native)]
+    out.append(pytest.param("pyllm_emu", id="emulated", marks=[pytest.mark.emulated, pytest.mark.skipif(
+        not _ext.HAS_EMU, reason=f"emulated CUDA module not built ({_ext.C_EMU_ERROR})")]))
+    return out
+
+
+@pytest.mark.parametrize("ns", _kernel_namespaces())
+def test_kernel_window_wider_than_the_sequences_sees_every_key(ns):
+    """A window of 2**63-1 overflowed the kernels' `i + shift + w` (wrong output, no error); the
+    kernels clamp windows to Lq + Lk, so any wide window equals no window. Called below the Python
+    layer (which also treats huge widths as unbounded)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=g) for _ in range(3))
+    op = getattr(torch.ops, ns)
+    want = op.attention(q, k, v, None, 8 ** -0.5, False, False, -1, -1, 0.0, 0)[0]
+    for wl, wr in ((-1, 2 ** 63 - 1), (2 ** 63 - 1, -1), (2 ** 63 - 1, 2 ** 63 - 1), (2 ** 40, 8)):
+        got = op.attention(q, k, v, None, 8 ** -0.5, False, False, wl, wr, 0.0, 0)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"window ({wl}, {wr})")
+    qv, kv, vv = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    want = op.varlen_attention(qv, kv, vv, cu, cu, 8 ** -0.5, False, -1, -1, 0.0, 0)[0]
+    got = op.varlen_attention(qv, kv, vv, cu, cu, 8 ** -0.5, False, 2 ** 63 - 1, 2 ** 63 - 1, 0.0, 0)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_native
+def test_add_layer_norm_inplace_kernel_with_overlapping_weight():
+    """A weight sharing memory with the input was read after the rows holding it were overwritten
+    (output off by up to 2.9); the kernel now reads such operands from a copy."""
+    buf = torch.randn(16, generator=torch.Generator().manual_seed(6))
+    x, r = buf.view(2, 8), torch.ones(2, 8)
+    w = buf[4:12]
+    want = torch.nn.functional.layer_norm(x.clone() + r, (8,), w.clone(), None, 1e-5)
+    torch.ops.pyllm.add_layer_norm_inplace(x, r, w, None, 1e-5)
+    torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-6)
