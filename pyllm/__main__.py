@@ -12,6 +12,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyllm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="print build information and available backends")
+    e = sub.add_parser("env", help="what a bug report needs: versions, CPU features, CUDA archs, kernels, backends")
+    e.add_argument("--json", action="store_true", help="print JSON instead of text")
     d = sub.add_parser("demo", help="the main demo: a real Hugging Face model on pyllm kernels")
     d.add_argument("--model", default=None, help="path of a local HF model (default: the bundled MiniLM)")
     d.add_argument("--device", default="cpu")
@@ -24,6 +26,11 @@ def main(argv=None) -> int:
     b.add_argument("--device", default="cpu")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke run)")
     b.add_argument("--output", default="docs/benchmarks.md", help="markdown file to write ('' = none)")
+    b.add_argument("--csv", default=None, metavar="PATH", help="write this run's rows (one per measurement) as CSV")
+    b.add_argument("--json", default=None, metavar="PATH", help="write machine, limits, rows and size sweep as JSON")
+    b.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNG plots here (default: img/ next to --output on full runs, none on --quick; '' = none)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a TTY)")
     g = sub.add_parser("gpu-check", help="on a GPU machine: tests, sanitizer, benchmarks -> one report")
     g.add_argument("--report", default="gpu_report.md")
     t = sub.add_parser("train-demo", help="train a tiny decoder-only LM and a classifier")
@@ -43,6 +50,10 @@ def main(argv=None) -> int:
         info["current_backend"] = pyllm.current_backend()
         print(json.dumps(info, indent=2))
         return 0
+    if args.cmd == "env":
+        from .tools.env import main as env_main
+
+        return env_main(args)
     if args.cmd == "demo":
         from .tools.demo import main as demo_main
 

@@ -8,6 +8,7 @@ import argparse
 import copy
 import csv
 import importlib.util
+import json
 import math
 import os
 import re
@@ -353,3 +354,101 @@ def test_save_line_plot_writes_an_rgb_png(tmp_path):
     assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
     with pytest.raises(ValueError, match="as many xs as ys"):
         save_line_plot(str(path), [1.0, 2.0], xs=[1])
+
+
+def _png_pixels(path):
+    """(width, height, RGB numpy array) of a PNG file, after checking that it is one."""
+    import numpy as np
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert len(data) > 10_000, (path, len(data))          # a drawn plot, not an empty canvas
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG" and im.mode == "RGB"
+        return im.size[0], im.size[1], np.asarray(im)
+
+
+def test_quick_bench_cli_writes_csv_json_and_png_plots(tmp_path):
+    csv_path, json_path, plots = tmp_path / "rows.csv", tmp_path / "rows.json", tmp_path / "plots"
+    md = tmp_path / "bench.md"
+    p = subprocess.run([sys.executable, "-m", "pyllm", "bench", "--quick", "--ops", "layer_norm", "--no-progress",
+                        "--output", str(md), "--csv", str(csv_path), "--json", str(json_path), "--plots", str(plots)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    expected = _expected_rows(pyllm.ops.get("layer_norm"))
+
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.CSV_FIELDS
+        csv_rows = list(reader)
+    assert [(r["op"], r["case"], r["dtype"], r["baseline"]) for r in csv_rows] == expected
+    table_cols = {"op", "case", "shape", "dtype", "path", "pyllm_us", "baseline", "baseline_us", "speedup", "gbps",
+                  "pct_copy_bw", "gflops", "pct_matmul", "target", "met", "note"}
+    assert table_cols <= set(bench.CSV_FIELDS)
+    for r in csv_rows:
+        assert float(r["pyllm_us"]) > 0 and float(r["baseline_us"]) > 0 and float(r["speedup"]) > 0
+        assert float(r["gbps"]) > 0 and r["quick"] == "1" and r["path"] in PATHS
+
+    doc = json.loads(json_path.read_text())
+    assert doc["quick"] is True and doc["limits"]["copy_gbps"] > 0 and doc["limits"]["matmul_gflops"]["float32"] > 0
+    assert doc["machine"]["torch"] == torch.__version__
+    assert [(r["op"], r["case"], r["dtype"], r["baseline"]) for r in doc["rows"]] == expected
+    for r in doc["rows"]:
+        assert table_cols <= set(r) and {"bytes", "flops"} <= set(r)
+        assert r["pyllm_us"] > 0 and r["speedup"] > 0 and r["bytes"] > 0
+    for r, c in zip(doc["rows"], csv_rows):        # the same measurements in both files
+        assert f"{r['pyllm_us']:.2f}" == c["pyllm_us"] and f"{r['speedup']:.3f}" == c["speedup"]
+    # the size sweep: every quick sweep size of layer_norm in both dtypes, bigger sizes moving more bytes
+    sweep = doc["sweep"]
+    assert len(sweep) == len(bench.sweep_sizes("layer_norm", True)) * len(bench.DTYPES)
+    assert all(r["op"] == "layer_norm" and r["speedup"] > 0 for r in sweep)
+    for dt in ("float32", "bfloat16"):
+        sizes = [r["bytes"] for r in sweep if r["dtype"] == dt]
+        assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+
+    pngs = sorted(x.name for x in plots.iterdir())
+    assert pngs == ["roofline.png", "speedup_layer_norm.png"]
+    for name in pngs:
+        w, h, rgb = _png_pixels(plots / name)
+        assert w >= 640 and h >= 400
+        background = (rgb == 255).all(axis=-1)
+        assert 0.01 < 1 - background.mean() < 0.9, name       # drawn, and not a solid block
+        r_, g_, b_ = (rgb[..., i].astype(int) for i in range(3))
+        colored = (abs(r_ - g_) > 40) | (abs(g_ - b_) > 40)     # data lines/bars, not just black axes
+        assert colored.sum() > 200, name
+    # the markdown page embeds the plots with links relative to its own folder
+    text = md.read_text()
+    assert "## Plots" in text
+    assert "](plots/speedup_layer_norm.png)" in text and "](plots/roofline.png)" in text
+
+
+def test_progress_bar_shows_an_eta_on_a_terminal_only(monkeypatch, capsys):
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = bench.Progress(4, enabled=True)
+    assert bar.bar is not None
+    for i in range(4):
+        bar.step(1, f"case {i}")
+    bar.write("a row")
+    bar.close()
+    shown = err.getvalue()
+    assert "case 3" in shown and "100%" in shown and "<" in shown     # [elapsed<remaining]
+    assert "a row" in capsys.readouterr().out
+    for enabled, stream in ((False, Tty()), (True, io.StringIO())):   # --no-progress, or not a TTY
+        monkeypatch.setattr(sys, "stderr", stream)
+        off = bench.Progress(4, enabled=enabled)
+        assert off.bar is None
+        off.step(1, "x")
+        off.write("plain")
+        off.close()
+        assert stream.getvalue() == ""
+        assert capsys.readouterr().out == "plain\n"
