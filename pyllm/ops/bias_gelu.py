@@ -7,6 +7,7 @@ csrc/cuda/bias_gelu.cu; GELU itself is csrc/include/pyllm/gelu.h.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -79,7 +80,8 @@ def _register(ns: str, lib) -> None:
         dx = lib.bias_gelu_backward(gy, x, bias, ctx.tanh)
         db = None
         if bias is not None and ctx.needs_input_grad[1]:
-            db = dx.float().reshape(-1, dx.shape[-1]).sum(0).to(bias.dtype)
+            # explicit row count: reshape(-1, 0) of an empty gradient (last dim 0) is ambiguous
+            db = dx.float().reshape(math.prod(dx.shape[:-1]), dx.shape[-1]).sum(0).to(bias.dtype)
         return dx, db, None
 
     torch.library.register_autograd(f"{ns}::bias_gelu", backward, setup_context=setup)

@@ -6,6 +6,7 @@ schemas, reference, public wrappers, fakes, autograd, limits, samples, bad input
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -171,7 +172,8 @@ def _bias_grad(gy, db, ctx, has_weight):
         return None
     if has_weight:
         return db.to(ctx.bias_dtype)
-    return gy.float().reshape(-1, gy.shape[-1]).sum(0).to(ctx.bias_dtype)
+    # explicit row count: reshape(-1, 0) of an empty gradient (normalized width 0) is ambiguous
+    return gy.float().reshape(math.prod(gy.shape[:-1]), gy.shape[-1]).sum(0).to(ctx.bias_dtype)
 
 
 def _register(ns: str, lib) -> None:

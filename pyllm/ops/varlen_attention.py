@@ -219,7 +219,7 @@ def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
                                                enable_gqa=qs.shape[0] != ks.shape[0])
             o = torch.where(keep.any(-1, keepdim=True), o, torch.zeros_like(o))
         outs.append(o.transpose(0, 1))
-    return torch.cat(outs)
+    return torch.cat(outs) if outs else q.new_zeros((0, q.shape[1], v.shape[2]))  # an empty batch: no rows
 
 
 # --------------------------------------------------------------------------- fakes + autograd
