@@ -542,7 +542,13 @@ class Progress:
         if enabled and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True,
+            try:
+                cols = os.get_terminal_size(sys.stderr.fileno()).columns
+            except (OSError, ValueError, AttributeError):
+                cols = 0
+            # a terminal that reports no size (0 x 0) would get an empty or hidden bar from tqdm
+            width = {"dynamic_ncols": True} if cols else {"ncols": 100, "nrows": 24}
+            self.bar = tqdm(total=total, file=sys.stderr, unit="step", **width,
                             bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
     def step(self, n: float = 1.0, desc: Optional[str] = None) -> None:
