@@ -1,4 +1,4 @@
-"""Command line: ``python -m pyllm {info,demo,bench,gpu-check,train-demo,soak}``.
+"""Command line: ``python -m pyllm {info,demo,bench,gpu-check,train-demo,soak,fuzz}``.
 
 Everything but ``info`` is tooling in :mod:`pyllm.tools`, imported only when its command runs."""
 from __future__ import annotations
@@ -40,6 +40,16 @@ def main(argv=None) -> int:
     s.add_argument("--seconds", type=float, default=60.0)
     s.add_argument("--hf-cycles", type=int, default=200, help="pyllm.hf.optimize + revert cycles (0 = skip)")
     s.add_argument("--max-growth-mib", type=float, default=8.0, help="fail above this RSS growth after warm-up")
+    f = sub.add_parser("fuzz", help="hypothesis campaign: every op vs the fp64 torch oracle (native, emulated CUDA)")
+    f.add_argument("--seed", type=int, default=0, help="campaign seed (each round's hypothesis seed derives from it)")
+    f.add_argument("--seconds", type=float, default=None,
+                   help="time budget for the whole campaign, split over the (op, backend) pairs "
+                        "(default 60 unless --max-examples is given)")
+    f.add_argument("--ops", default=None, help="comma-separated op registry names (default: every registered op)")
+    f.add_argument("--backend", default="all", help="native, cuda-emulated or all (default)")
+    f.add_argument("--max-examples", type=int, default=None, help="at most this many examples per op and backend")
+    f.add_argument("--keep-going", action="store_true",
+                   help="after a failure, go on with new rounds and report every distinct failure")
     args = p.parse_args(argv)
 
     if args.cmd == "info":
@@ -70,6 +80,10 @@ def main(argv=None) -> int:
         from .tools.soak import main as soak_main
 
         return soak_main(args)
+    if args.cmd == "fuzz":
+        from .tools.fuzz import main as fuzz_main
+
+        return fuzz_main(args)
     if args.cmd == "train-demo":
         from .tools.train_demo import main as train_main
 
