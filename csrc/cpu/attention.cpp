@@ -647,7 +647,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const auto fopt = query.options().dtype(at::kFloat);
   const at::Tensor dout = grad_out.to(at::kFloat).contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor delta = (dout * out.to(at::kFloat)).sum(-1).contiguous();
+  // fp64 products and sum: delta feeds dS = P (dP - delta), which cancels its leading digits.
+  const at::Tensor delta = (dout.to(at::kDouble) * out.to(at::kDouble)).sum(-1).to(at::kFloat).contiguous();
   at::Tensor dq = at::empty({a.B, a.Hq, a.Lq, a.D}, fopt);
   at::Tensor dk = at::empty({a.B, a.Hkv, a.Lk, a.D}, fopt);
   at::Tensor dv = at::empty({a.B, a.Hkv, a.Lk, a.Dv}, fopt);

@@ -429,7 +429,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const auto fopt = query.options().dtype(at::kFloat);
   const at::Tensor dout = grad_out.to(at::kFloat).contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor delta = (dout * out.to(at::kFloat)).sum(-1).contiguous();
+  // fp64 products and sum: delta feeds dS = P (dP - delta), which cancels its leading digits.
+  const at::Tensor delta = (dout.to(at::kDouble) * out.to(at::kDouble)).sum(-1).to(at::kFloat).contiguous();
   at::Tensor dq = at::zeros({p.B, p.Hq, p.Lq, p.D}, fopt);
   at::Tensor dk = at::zeros({p.B, p.Hkv, p.Lk, p.D}, fopt);
   at::Tensor dv = at::zeros({p.B, p.Hkv, p.Lk, p.Dv}, fopt);

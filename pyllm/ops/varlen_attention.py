@@ -254,6 +254,9 @@ def _register(ns: str, lib) -> None:
         q, k, v, cu_q, cu_k, out, lse, alibi = ctx.saved_tensors
         if gout is None:
             gout = torch.zeros_like(out)
+        if out.dtype in (torch.float16, torch.bfloat16):
+            # delta from the unrounded fp32 output (see attention's backward).
+            out = lib.varlen_attention(q.float(), k.float(), v.float(), cu_q, cu_k, *ctx.args, alibi)[0]
         dq, dk, dv = lib.varlen_attention_backward(gout, q, k, v, cu_q, cu_k, out, lse, *ctx.args, alibi)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
