@@ -2,6 +2,10 @@
 // Importing it also runs the TORCH_LIBRARY registrations linked into the same library.
 #include <torch/extension.h>
 
+#if defined(PYLLM_EMULATED)
+#include "emu.h"
+#endif
+
 #ifndef PYLLM_TORCH_VERSION
 #define PYLLM_TORCH_VERSION "unknown"
 #endif
@@ -18,6 +22,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("namespace") = "pyllm_emu";
   m.attr("backend") = "cuda-emulated";
   m.attr("with_cuda") = false;
+  m.def(
+      "ldmatrix_bank_stats",
+      [](bool reset) {
+        std::uint64_t phases = 0, extra = 0;
+        pyllm_emu::ldmatrix_bank_stats(&phases, &extra, reset);
+        return py::make_tuple(phases, extra);
+      },
+      py::arg("reset") = false,
+      "(8x8 matrices read by ldmatrix, extra wavefronts their shared-memory bank conflicts cost) since the "
+      "last reset, over every emulated kernel");
 #else
   m.attr("namespace") = "pyllm";
   m.attr("backend") = "native";

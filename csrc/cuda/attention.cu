@@ -13,6 +13,7 @@
 // Every key/query tile loop has a block-uniform trip count, so all threads reach every
 // barrier; inactive rows/lanes work on -inf scores.
 #include "common.cuh"
+#include "attention_tc.cuh"
 #include "../include/pyllm/attention.h"
 #include "../include/pyllm/broadcast.h"
 #include "../include/pyllm/ops/attention.h"
@@ -395,6 +396,21 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::
   at::Tensor out = at::empty({p.B, p.Hq, p.Lq, p.Dv}, query.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, query.options().dtype(at::kFloat));
   if (lse.numel() == 0) return {out, lse};
+  if (attention_tc_eligible(query, value)) {  // fp16/bf16, head dims <= 256: tensor cores
+    TcAttnArgs a;
+    a.mask = m;
+    a.mi = p.mi;
+    a.alibi = p.alibi;
+    a.alibi_bstride = p.alibi_bstride;
+    a.g = p.g;
+    a.scale = p.scale;
+    a.dropout = p.dropout;
+    a.drop_threshold = p.drop_threshold;
+    a.drop_scale = p.drop_scale;
+    a.seed = p.seed;
+    attention_tc_forward(q, k, v, a, out, lse);
+    return {out, lse};
+  }
   const int64_t blocks = p.B * p.Hq * ((p.Lq + kWarps - 1) / kWarps);
   const size_t smem = sizeof(float) * (kWarps * p.D + p.tile * (p.D + 1) + p.tile * p.Dv);
   PYLLM_DISPATCH_FLOATING(query.scalar_type(), "pyllm_attention_cuda", [&] {

@@ -10,6 +10,7 @@
 
 #include <array>
 #include <condition_variable>
+#include <map>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -95,6 +96,12 @@ namespace {
 // Configuration
 // ---------------------------------------------------------------------------
 std::mutex g_cfg_mu;
+std::map<const void*, int> g_max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+int max_dynamic_smem(const void* kernel) {
+  std::lock_guard<std::mutex> lk(g_cfg_mu);
+  const auto it = g_max_dyn_smem.find(kernel);
+  return it == g_max_dyn_smem.end() ? 48 * 1024 : it->second;
+}
 std::string g_order_override;  // empty: environment
 bool g_order_overridden = false;
 std::atomic<int> g_threads_override{0};
@@ -1007,6 +1014,13 @@ void run_grid(const LaunchDesc& d) {
   if (d.block.z > 64) cfg_error("blockDim.z > 64");
   if (d.grid.x > 0x7fffffffu || d.grid.y > 65535 || d.grid.z > 65535) cfg_error("grid dimension too large");
   if (d.smem_bytes > 227 * 1024) cfg_error("dynamic shared memory above 227 KiB");
+  if (d.smem_bytes > 48 * 1024) {
+    const int optin = max_dynamic_smem(d.kernel_addr);
+    if ((size_t)optin < d.smem_bytes)
+      cfg_error(std::to_string(d.smem_bytes) + " bytes of dynamic shared memory is above the 48 KiB default and the "
+                "kernel's cudaFuncAttributeMaxDynamicSharedMemorySize (" + std::to_string(optin) +
+                "); call cudaFuncSetAttribute before launching");
+  }
   if (nblocks > 0xffffffffull) cfg_error("too many blocks for the emulator");
 
   Job job;
@@ -1119,6 +1133,25 @@ void mma_m16n8k16_impl(float* d, const std::uint32_t* a, const std::uint32_t* b,
   }
 }
 
+std::atomic<std::uint64_t> g_ldm_phases{0}, g_ldm_extra{0};
+
+// Wavefronts beyond the first that one 8x8 ldmatrix phase costs: 8 rows of 16 bytes; bank of
+// a 4-byte word = (address / 4) % 32; a bank delivers one distinct word per wavefront.
+unsigned ldmatrix_extra_wavefronts(const void* const rows[8]) {
+  std::uintptr_t words[32][32];
+  unsigned count[32] = {}, worst = 1;
+  for (int r = 0; r < 8; ++r)
+    for (int w = 0; w < 4; ++w) {
+      const std::uintptr_t word = (std::uintptr_t)rows[r] / 4 + (std::uintptr_t)w;
+      const unsigned bank = (unsigned)(word % 32);
+      bool seen = false;
+      for (unsigned i = 0; i < count[bank]; ++i) seen = seen || words[bank][i] == word;
+      if (!seen) words[bank][count[bank]++] = word;
+      worst = std::max(worst, count[bank]);
+    }
+  return worst - 1;
+}
+
 void ldmatrix_impl(std::uint32_t* r, int num, bool trans, const void* addr, const char* file, int line, int col) {
   Here h = here("ldmatrix.sync");
   const char* instr = trans ? "ldmatrix.sync.m8n8.trans" : "ldmatrix.sync.m8n8";
@@ -1139,6 +1172,16 @@ void ldmatrix_impl(std::uint32_t* r, int num, bool trans, const void* addr, cons
   }
   std::memcpy(h.r->xch[me].data(), &addr, sizeof addr);
   sync_point(Op::Ldmatrix, 0xffffffffu, 0, 0, num * 2 + trans, 32, file, line, col);
+  if (lane == 0) {
+    unsigned extra = 0;
+    for (int m = 0; m < num; ++m) {
+      const void* rows[8];
+      for (int rr = 0; rr < 8; ++rr) std::memcpy(&rows[rr], h.r->xch[base + 8 * m + rr].data(), sizeof(void*));
+      extra += ldmatrix_extra_wavefronts(rows);
+    }
+    g_ldm_phases.fetch_add((std::uint64_t)num, std::memory_order_relaxed);
+    g_ldm_extra.fetch_add(extra, std::memory_order_relaxed);
+  }
   std::uint32_t out[4] = {0, 0, 0, 0};
   for (int m = 0; m < num; ++m) {
     auto row_addr = [&](unsigned rr) {
@@ -1225,6 +1268,18 @@ void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cg, co
 void cp_async_commit(const char* file, int line, int col) { detail::cp_async_commit_impl(file, line, col); }
 void cp_async_wait(int n, const char* file, int line, int col) { detail::cp_async_wait_impl(n, file, line, col); }
 int cp_async_pending_groups() { return detail::cp_async_pending_impl(); }
+void ldmatrix_bank_stats(std::uint64_t* phases, std::uint64_t* extra, bool reset) {
+  if (phases) *phases = reset ? detail::g_ldm_phases.exchange(0) : detail::g_ldm_phases.load();
+  if (extra) *extra = reset ? detail::g_ldm_extra.exchange(0) : detail::g_ldm_extra.load();
+}
+
+cudaError_t func_set_attribute(const void* kernel, int attr, int value) {
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) return (value >= -1 && value <= 100) ? cudaSuccess : cudaErrorInvalidValue;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 227 * 1024) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lk(detail::g_cfg_mu);
+  detail::g_max_dyn_smem[kernel] = value;
+  return cudaSuccess;
+}
 
 }  // namespace pyllm_emu
 

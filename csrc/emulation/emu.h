@@ -194,6 +194,20 @@ inline cudaError_t cudaMemset(void* d, int v, size_t n) {
 }
 inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t = nullptr) { return cudaMemset(d, v, n); }
 
+// Per-kernel attributes. As on the GPU, a launch with more than 48 KiB of dynamic shared
+// memory fails unless cudaFuncAttributeMaxDynamicSharedMemorySize was raised for that kernel.
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+};
+namespace pyllm_emu {
+cudaError_t func_set_attribute(const void* kernel, int attr, int value);
+}
+template <typename... A>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(A...), cudaFuncAttribute attr, int value) {
+  return ::pyllm_emu::func_set_attribute(reinterpret_cast<const void*>(kernel), (int)attr, value);
+}
+
 // ---------------------------------------------------------------------------
 // Emulator runtime interface
 // ---------------------------------------------------------------------------
@@ -432,6 +446,11 @@ void ldmatrix(std::uint32_t* r, int num, bool trans, const void* addr, const cha
 void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cg, const char* file, int line, int col);
 void cp_async_commit(const char* file, int line, int col);
 void cp_async_wait(int n, const char* file, int line, int col);
+// Shared-memory bank conflicts of ldmatrix since the last reset: `phases` counts 8x8 matrices
+// read (one 128-byte wavefront each when conflict-free), `extra` the additional wavefronts
+// their bank conflicts cost (per matrix: the most distinct 4-byte words any one of the 32
+// banks must deliver, minus 1). Process-wide, all kernels.
+void ldmatrix_bank_stats(std::uint64_t* phases, std::uint64_t* extra, bool reset);
 int cp_async_pending_groups();  // committed groups of the calling thread not yet waited for (tests)
 }  // namespace pyllm_emu
 

@@ -1,0 +1,499 @@
+// Tensor-core attention forward for fp16/bf16 (FlashAttention-2's design, pyllm's code).
+//
+// CTA = 4 warps = 64 query rows of one (batch, head); warp w owns rows 16w..16w+15 (one
+// m16 tile). 64 rows rather than 128: half the registers and shared memory per CTA, so two
+// CTAs fit an SM at head dim 128, and short sequences still fill the GPU (B*H*Lq/64 CTAs).
+// Key/value tiles of kN keys (64 up to head dim 128, 32 above) arrive by cp.async (16-byte,
+// zero-filled past the last row / head dim) into double-buffered shared memory: the next K
+// tile loads while this tile's softmax and PV product run, the V tile while S = QK^T runs.
+// Shared-memory rows are 16-byte chunks; with a multiple of 8 chunks per row, chunk c of row
+// r sits at c ^ (r % 8) (XOR swizzle), otherwise rows are padded to an odd chunk count: both
+// put the 8 rows of every ldmatrix phase in 8 different bank groups (no bank conflicts;
+// tests/test_attention_tc.py counts them under the emulation).
+//
+// S = Q K^T and O += P V run as mma.sync.m16n8k16 with fp32 accumulators. Q fragments stay in
+// registers for head dims <= 128 (re-read from shared memory by ldmatrix above, to stay
+// within 255 registers). The online softmax works on the S accumulator fragments: each
+// lane holds 2 rows (lane/4 and lane/4 + 8) x 2 adjacent keys per n-tile; row max by a
+// quad shuffle, exp2 with log2(e) folded into the scale, row sums kept per lane and reduced
+// once at the end. P is rounded to fp16/bf16 in registers and reused as the A operand of
+// the PV product (the S C-fragment layout of n-tiles 2k, 2k+1 is the A layout of k-step k).
+//
+// Masks (same semantics as the SIMT kernel, attention.cu): causal / windows from AttnGeom
+// (tiles no query row of the CTA can see are never loaded; tiles every row sees in full
+// skip the per-element test), bool / additive masks of any broadcast via RowIndexer, ALiBi,
+// GQA (kv head = h / group, K/V never repeated), counter-based dropout, fully-masked rows
+// -> zeros with lse -inf, NaN scores -> NaN rows.
+// Non-finite values in V: a key whose probability is 0 must contribute nothing (pyllm's
+// rule, docs/RELIABILITY.md), but a tensor-core product gives 0 * inf = NaN. Each thread
+// checks the V chunks it copied; when a tile has a non-finite value (block vote) the warps
+// take an exact SIMT product for that tile that skips zero probabilities.
+#include "common.cuh"
+#include "attention_tc.cuh"
+#include "../include/pyllm/tensor_core.cuh"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace pyllm {
+namespace PYLLM_CUDA_NS {
+namespace {
+
+constexpr int kTcWarps = 4;
+constexpr int kTcThreads = kTcWarps * kWarpSize;
+constexpr int kBlockM = 16 * kTcWarps;  // query rows per CTA
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
+
+struct TcParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;                    // [B, Hq, Lq, Dv] contiguous
+  float* lse;                   // [B, Hq, Lq]
+  int64_t qs[3], ks[3], vs[3];  // element strides of dims B, H, L (16-byte multiples)
+  int64_t Hq, Lq, Lk, group;
+  int64_t d8, dv8;              // q/k and v head dims as stored (multiples of 8; zero-padded)
+  int64_t Dv;                   // v head dim written to out
+  float scale_log2;             // scale * log2(e)
+  AttnGeom g;
+  const void* mask;
+  int mask_kind;
+  RowIndexer mi;
+  const float* alibi;
+  int64_t alibi_bstride;
+  bool dropout;
+  uint32_t drop_threshold;
+  float drop_scale;
+  uint64_t seed;
+};
+
+// Tile shapes and the shared-memory layout of one head-dim instantiation.
+template <int kD>
+struct TcTile {
+  static constexpr int kN = kD <= 128 ? 64 : 32;         // keys per K/V tile
+  static constexpr int kChunks = kD / 8;                  // 16-byte chunks per row
+  static constexpr bool kXor = kChunks % 8 == 0;
+  static constexpr int kPitch = kXor ? kChunks : kChunks + 1;  // chunks per smem row (odd when padded)
+  static constexpr bool kQInRegs = kD <= 128;
+  static constexpr int kQChunks = kBlockM * kPitch;
+  static constexpr int kKVChunks = kN * kPitch;
+  static constexpr size_t kSmemBytes = 16 * (size_t)(kQChunks + 4 * kKVChunks);  // Q, 2 x K, 2 x V
+  static_assert(kD % 16 == 0 && kN % 16 == 0, "m16n8k16 tiling");
+  static_assert((kBlockM * kChunks) % kTcThreads == 0 && (kN * kChunks) % kTcThreads == 0, "loader split");
+  // Byte offset of chunk c of row r within a tile.
+  __device__ static __forceinline__ int off(int r, int c) { return 16 * (r * kPitch + (kXor ? (c ^ (r & 7)) : c)); }
+};
+
+// Issues the cp.async copies of rows [row0, row0 + kRows) of a [L, d8] matrix (row stride ld)
+// into a tile; rows >= rows_end and chunks past d8 are zero-filled.
+template <int kD, int kRows, typename T>
+__device__ __forceinline__ void load_tile(unsigned char* dst, const T* src, int64_t ld, int64_t row0,
+                                          int64_t rows_end, int64_t d8) {
+  using Tile = TcTile<kD>;
+  constexpr int kPer = kRows * Tile::kChunks / kTcThreads;
+#pragma unroll
+  for (int n = 0; n < kPer; ++n) {
+    const int idx = threadIdx.x + n * kTcThreads;
+    const int r = idx / Tile::kChunks, c = idx % Tile::kChunks;
+    const bool ok = row0 + r < rows_end && c * 8 < d8;
+    const T* s = ok ? src + (row0 + r) * ld + c * 8 : src;
+    tc::cp_async_cg16(dst + Tile::off(r, c), s, ok ? 16 : 0);
+  }
+}
+
+// True if any of the b16 values this thread copied into a tile is Inf or NaN.
+template <int kD, int kRows, typename T>
+__device__ __forceinline__ bool tile_has_nonfinite(const unsigned char* tile) {
+  using Tile = TcTile<kD>;
+  constexpr uint32_t e = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;  // exponent bits
+  constexpr int kPer = kRows * Tile::kChunks / kTcThreads;
+  bool bad = false;
+#pragma unroll
+  for (int n = 0; n < kPer; ++n) {
+    const int idx = threadIdx.x + n * kTcThreads;
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(tile + Tile::off(idx / Tile::kChunks, idx % Tile::kChunks));
+#pragma unroll
+    for (int x = 0; x < 4; ++x) bad |= ((w[x] & e) == e) || (((w[x] >> 16) & e) == e);
+  }
+  return bad;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>)
+    return (uint32_t)__half_as_ushort(__float2half_rn(lo)) | ((uint32_t)__half_as_ushort(__float2half_rn(hi)) << 16);
+  else
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return load_float(store_float<T>(x));
+}
+
+template <typename T>
+__device__ __forceinline__ float b16_at(const unsigned char* p) {
+  return load_float(*reinterpret_cast<const T*>(p));
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
+  using Tile = TcTile<kD>;
+  constexpr int kN = Tile::kN;
+  constexpr int kNT = kN / 8;   // S n-tiles
+  constexpr int kOT = kD / 8;   // O n-tiles
+  constexpr int kKS = kD / 16;  // k-steps of Q K^T
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int64_t nmt = (p.Lq + kBlockM - 1) / kBlockM;
+  const int64_t bh = (int64_t)blockIdx.x / nmt;
+  const int64_t mt = nmt - 1 - (int64_t)blockIdx.x % nmt;  // last query tiles (most keys if causal) first
+  const int64_t b = bh / p.Hq, h = bh % p.Hq, kvh = h / p.group;
+  const int64_t i0 = mt * kBlockM;
+  const int64_t ilast = (i0 + kBlockM < p.Lq ? i0 + kBlockM : p.Lq) - 1;
+
+  unsigned char* sq = pyllm_dynamic_smem<unsigned char>();
+  unsigned char* sk = sq + 16 * Tile::kQChunks;
+  unsigned char* sv = sk + 2 * 16 * Tile::kKVChunks;
+  const T* qb = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
+  const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + kvh * p.ks[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + kvh * p.vs[1];
+
+  // The two rows of this lane: lane/4 and lane/4 + 8 of the warp's 16.
+  int64_t ri[2], rlo[2], rhi[2], rid[2], moff[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    ri[r] = i0 + warp * 16 + lane / 4 + 8 * r;
+    const bool valid = ri[r] < p.Lq;
+    rlo[r] = valid ? p.g.lo(ri[r]) : 0;
+    rhi[r] = valid ? p.g.hi(ri[r]) : 0;  // invalid rows see nothing
+    rid[r] = (b * p.Hq + h) * p.Lq + (valid ? ri[r] : 0);
+    moff[r] = p.mask_kind != kMaskNone ? p.mi.offset(rid[r]) : 0;
+  }
+  const float slope = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
+  const bool elementwise = p.mask_kind != kMaskNone || p.alibi != nullptr;
+
+  const int64_t klo = p.g.lo(i0);
+  int64_t khi = p.g.hi(ilast);
+  if (khi < klo) khi = klo;
+  const int ntiles = (int)((khi - klo + kN - 1) / kN);
+
+  // Prologue: Q, then the first K tile.
+  load_tile<kD, kBlockM>(sq, qb, p.qs[2], i0, p.Lq, p.d8);
+  tc::cp_async_commit();
+  if (ntiles > 0) load_tile<kD, kN>(sk, kb, p.ks[2], klo, khi, p.d8);
+  tc::cp_async_commit();
+
+  float o[kOT][4];
+#pragma unroll
+  for (int n = 0; n < kOT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  uint32_t qf[Tile::kQInRegs ? kKS : 1][4];
+
+  // This lane's ldmatrix row address within a 16-row block: matrix lane/8, row lane%8.
+  const int lm = lane / 8, lr = lane % 8;
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int64_t k0 = klo + (int64_t)t * kN;
+    unsigned char* skt = sk + (t & 1) * 16 * Tile::kKVChunks;
+    unsigned char* svt = sv + (t & 1) * 16 * Tile::kKVChunks;
+    load_tile<kD, kN>(svt, vb, p.vs[2], k0, khi, p.dv8);  // V of this tile, lands during S and softmax
+    tc::cp_async_commit();
+    tc::cp_async_wait<1>();  // Q and this K tile have landed (this V tile may not have)
+    __syncthreads();
+
+    if constexpr (Tile::kQInRegs) {
+      if (t == 0) {
+#pragma unroll
+        for (int kk = 0; kk < kKS; ++kk)
+          tc::ldmatrix_x4(qf[kk], sq + Tile::off(warp * 16 + (lm % 2) * 8 + lr, 2 * kk + lm / 2));
+      }
+    }
+
+    // S = Q K^T for this warp's 16 rows and the tile's kN keys.
+    float s[kNT][4];
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kKS; ++kk) {
+      uint32_t a[4];
+      if constexpr (Tile::kQInRegs) {
+#pragma unroll
+        for (int x = 0; x < 4; ++x) a[x] = qf[kk][x];
+      } else {
+        tc::ldmatrix_x4(a, sq + Tile::off(warp * 16 + (lm % 2) * 8 + lr, 2 * kk + lm / 2));
+      }
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bf[4];  // K rows np*16 + (lm/2)*8 + lr, d chunk 2kk + lm%2
+        tc::ldmatrix_x4(bf, skt + Tile::off(np * 16 + (lm / 2) * 8 + lr, 2 * kk + lm % 2));
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        tc::mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
+        tc::mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
+      }
+    }
+
+    // The next K tile loads during the softmax and the PV product. Its buffer was last read
+    // in iteration t - 1, before every thread passed this iteration's barrier.
+    if (t + 1 < ntiles) load_tile<kD, kN>(sk + ((t + 1) & 1) * 16 * Tile::kKVChunks, kb, p.ks[2], k0 + kN, khi, p.d8);
+    tc::cp_async_commit();
+
+    // Scores in log2 units; the per-element test only on tiles some row sees in part.
+    const bool full = !elementwise && k0 >= p.g.lo(ilast) && k0 + kN <= p.g.hi(i0);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        float x = s[n][e] * p.scale_log2;
+        if (!full) {
+          const int64_t j = k0 + n * 8 + 2 * (lane % 4) + (e % 2);
+          if (j < rlo[r] || j >= rhi[r]) {
+            x = -INFINITY;
+          } else {
+            if (p.alibi) {
+              const int64_t pos = ri[r] + p.g.shift;
+              x -= slope * (float)(pos > j ? pos - j : j - pos);
+            }
+            if (p.mask_kind == kMaskBool) {
+              if (!static_cast<const bool*>(p.mask)[moff[r] + j * p.mi.col_stride]) x = -INFINITY;
+            } else if (p.mask_kind == kMaskFloat) {
+              x += static_cast<const float*>(p.mask)[moff[r] + j * p.mi.col_stride] * kLog2e;
+            }
+          }
+        }
+        s[n][e] = x;
+        mx[r] = fmaxf(mx[r], x);  // fmaxf skips NaN: NaN scores reach the sum instead
+      }
+    }
+    float alpha[2], ls[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+      const float mnew = fmaxf(m[r], mx[r]);
+      const float muse = mnew == -INFINITY ? 0.f : mnew;  // fully hidden so far: exp2(-inf - 0) = 0
+      alpha[r] = exp2f(m[r] - muse);
+      m[r] = mnew;
+      mx[r] = muse;
+    }
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        float pr = exp2f(s[n][e] - mx[r]);
+        ls[r] += pr;
+        if (p.dropout) {
+          const int64_t j = k0 + n * 8 + 2 * (lane % 4) + (e % 2);
+          pr *= dropout_hash(p.seed, (uint64_t)rid[r] * (uint64_t)p.Lk + (uint64_t)j) >= p.drop_threshold
+                    ? p.drop_scale
+                    : 0.f;
+        }
+        s[n][e] = round_to<T>(pr);  // exactly the value the PV product uses
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + ls[r];
+#pragma unroll
+    for (int n = 0; n < kOT; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+
+    tc::cp_async_wait<1>();  // this V tile has landed (the next K tile may not have)
+    const bool nonfinite = __syncthreads_or(tile_has_nonfinite<kD, kN, T>(svt)) != 0;
+
+    if (!nonfinite) {
+      // O += P V: P's C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+#pragma unroll
+      for (int kk = 0; kk < kN / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < kOT / 2; ++dp) {
+          uint32_t bf[4];  // V rows (keys) kk*16 + (lm%2)*8 + lr, d chunk 2dp + lm/2, transposed
+          tc::ldmatrix_x4_trans(bf, svt + Tile::off(kk * 16 + (lm % 2) * 8 + lr, 2 * dp + lm / 2));
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+          tc::mma_m16n8k16<T>(o[2 * dp], a, b0, o[2 * dp]);
+          tc::mma_m16n8k16<T>(o[2 * dp + 1], a, b1, o[2 * dp + 1]);
+        }
+      }
+    } else {
+      // Exact product skipping zero probabilities: P[row][key] comes from the lane that holds
+      // it (key column c of n-tile n: lane (lane/4)*4 + c/2, element c%2 / 2 + c%2).
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const int src = (lane & ~3) | (c / 2);
+          const float p0 = __shfl_sync(kFullMask, s[n][c % 2], src);
+          const float p1 = __shfl_sync(kFullMask, s[n][2 + c % 2], src);
+          const int key = n * 8 + c;
+#pragma unroll
+          for (int dn = 0; dn < kOT; ++dn) {
+            const unsigned char* vp = svt + Tile::off(key, dn) + 2 * (2 * (lane % 4));
+            const float v0 = b16_at<T>(vp), v1 = b16_at<T>(vp + 2);
+            if (p0 != 0.f) {
+              o[dn][0] += p0 * v0;
+              o[dn][1] += p0 * v1;
+            }
+            if (p1 != 0.f) {
+              o[dn][2] += p1 * v0;
+              o[dn][3] += p1 * v1;
+            }
+          }
+        }
+      }
+    }
+  }
+  tc::cp_async_wait<0>();  // nothing may still be landing when the output reuses shared memory
+
+  // Row sums across the quad, then the normalised rows go through shared memory (the Q tile)
+  // so that global stores are whole 16-byte chunks.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+    const bool seen = l[r] > 0.f || l[r] != l[r];  // something visible (or a NaN score)
+    inv[r] = seen ? 1.f / l[r] : 0.f;
+    if (lane % 4 == 0 && ri[r] < p.Lq) p.lse[rid[r]] = seen ? m[r] * kLn2 + logf(l[r]) : -INFINITY;
+  }
+  __syncthreads();  // every warp is done with Q/K/V shared memory
+#pragma unroll
+  for (int n = 0; n < kOT; ++n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      uint32_t* dst = reinterpret_cast<uint32_t*>(sq + Tile::off(warp * 16 + lane / 4 + 8 * r, n) + 4 * (lane % 4));
+      *dst = pack2<T>(o[n][2 * r] * inv[r], o[n][2 * r + 1] * inv[r]);
+    }
+  }
+  __syncthreads();
+  T* ob = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Lq + i0) * p.Dv;
+  const bool vec = p.Dv % 8 == 0;
+#pragma unroll
+  for (int n = 0; n < kBlockM * Tile::kChunks / kTcThreads; ++n) {
+    const int idx = tid + n * kTcThreads;
+    const int r = idx / Tile::kChunks, c = idx % Tile::kChunks;
+    if (i0 + r >= p.Lq || c * 8 >= p.Dv) continue;
+    const unsigned char* src = sq + Tile::off(r, c);
+    T* dst = ob + (int64_t)r * p.Dv + c * 8;
+    if (vec) {
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(src);
+      uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+      d[0] = w[0];
+      d[1] = w[1];
+      d[2] = w[2];
+      d[3] = w[3];
+    } else {
+      const T* e = reinterpret_cast<const T*>(src);
+      for (int x = 0; x < 8 && c * 8 + x < p.Dv; ++x) dst[x] = e[x];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ host
+// A view the kernel can read with 16-byte cp.async: last dim contiguous and a multiple of 8
+// (zero-padded copy otherwise), 16-byte aligned start and row/head/batch strides.
+at::Tensor tc_operand(const at::Tensor& t) {
+  const int64_t d = t.size(3);
+  if (d % 8 != 0) return at::constant_pad_nd(t, {0, 8 - d % 8}, 0).contiguous();
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3 && ok; ++i) ok = t.size(i) <= 1 || t.stride(i) % 8 == 0;
+  return ok ? t : t.contiguous();
+}
+
+template <typename T, int kD>
+void launch_tc(const TcParams& p, int64_t B) {
+  using Tile = TcTile<kD>;
+  auto kern = attn_tc_fwd_kernel<T, kD>;
+  const int64_t blocks = B * p.Hq * ((p.Lq + kBlockM - 1) / kBlockM);
+  TORCH_CHECK(blocks <= 0x7fffffff, "pyllm: attention grid too large (", blocks, " CTAs)");
+  if (Tile::kSmemBytes > 48 * 1024) {  // dynamic shared memory above 48 KiB is opt-in per kernel
+    const cudaError_t err =
+        cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tile::kSmemBytes);
+    TORCH_CHECK(err == cudaSuccess, "pyllm: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, ", Tile::kSmemBytes,
+                ") failed: ", cudaGetErrorString(err));
+  }
+  PYLLM_LAUNCH(kern, (unsigned)blocks, kTcThreads, Tile::kSmemBytes, PYLLM_STREAM(), p);
+}
+
+template <typename T>
+void dispatch_head_dim(int kd, const TcParams& p, int64_t B) {
+  switch (kd) {
+    case 32: return launch_tc<T, 32>(p, B);
+    case 64: return launch_tc<T, 64>(p, B);
+    case 96: return launch_tc<T, 96>(p, B);
+    case 128: return launch_tc<T, 128>(p, B);
+    case 160: return launch_tc<T, 160>(p, B);
+    case 192: return launch_tc<T, 192>(p, B);
+    case 256: return launch_tc<T, 256>(p, B);
+    default: TORCH_CHECK(false, "pyllm: no tensor-core attention instantiation for head dim ", kd);
+  }
+}
+
+}  // namespace
+
+bool attention_tc_eligible(const at::Tensor& q, const at::Tensor& v) {
+  const char* env = std::getenv("PYLLM_ATTENTION_KERNEL");
+  if (env != nullptr && std::strcmp(env, "simt") == 0) return false;
+  const auto dt = q.scalar_type();
+  return (dt == at::kHalf || dt == at::kBFloat16) && q.size(3) <= kTcMaxHeadDim && v.size(3) <= kTcMaxHeadDim &&
+         q.size(3) > 0 && v.size(3) > 0;
+}
+
+int attention_tc_head_dim(int64_t d, int64_t dv) {
+  const int64_t m = d > dv ? d : dv;
+  for (int kd : {32, 64, 96, 128, 160, 192, 256})
+    if (m <= kd) return kd;
+  return 0;
+}
+
+void attention_tc_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const TcAttnArgs& a, at::Tensor& out, at::Tensor& lse) {
+  const at::Tensor q = tc_operand(query), k = tc_operand(key), v = tc_operand(value);
+  TcParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) {
+    p.qs[d] = q.stride(d);
+    p.ks[d] = k.stride(d);
+    p.vs[d] = v.stride(d);
+  }
+  const int64_t B = q.size(0);
+  p.Hq = q.size(1);
+  p.Lq = q.size(2);
+  p.Lk = k.size(2);
+  p.group = p.Hq / k.size(1);
+  p.d8 = q.size(3);
+  p.dv8 = v.size(3);
+  p.Dv = value.size(3);
+  p.scale_log2 = a.scale * kLog2e;
+  p.g = a.g;
+  p.mask = a.mask.defined() ? a.mask.data_ptr() : nullptr;
+  p.mask_kind = !a.mask.defined() ? kMaskNone : (a.mask.scalar_type() == at::kBool ? kMaskBool : kMaskFloat);
+  p.mi = a.mi;
+  p.alibi = a.alibi;
+  p.alibi_bstride = a.alibi_bstride;
+  p.dropout = a.dropout;
+  p.drop_threshold = a.drop_threshold;
+  p.drop_scale = a.drop_scale;
+  p.seed = a.seed;
+  const int kd = attention_tc_head_dim(query.size(3), value.size(3));
+  if (q.scalar_type() == at::kHalf) dispatch_head_dim<__half>(kd, p, B);
+  else dispatch_head_dim<__nv_bfloat16>(kd, p, B);
+}
+
+}  // namespace PYLLM_CUDA_NS
+}  // namespace pyllm

@@ -1,0 +1,43 @@
+// Entry points of the tensor-core attention forward (attention_tc.cu), called by the
+// attention op's CUDA host code (attention.cu) for fp16/bf16 inputs with head dims <= 256.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "../include/pyllm/attention.h"
+#include "../include/pyllm/broadcast.h"
+#include "../include/pyllm/cuda_compat.cuh"
+
+namespace pyllm {
+namespace PYLLM_CUDA_NS {
+
+// Everything the forward needs besides q, k, v: the masks in the form the SIMT kernel
+// already takes them (expanded mask + RowIndexer, fp32 ALiBi slopes, geometry, dropout).
+struct TcAttnArgs {
+  at::Tensor mask;            // undefined, bool or fp32, expanded to [B, Hq, Lq, Lk]
+  RowIndexer mi;
+  const float* alibi = nullptr;
+  int64_t alibi_bstride = 0;
+  AttnGeom g;
+  float scale = 1.f;
+  bool dropout = false;
+  uint32_t drop_threshold = 0;
+  float drop_scale = 1.f;
+  uint64_t seed = 0;
+};
+
+// Largest head dim (of q/k and of v) the tensor-core kernel serves.
+constexpr int64_t kTcMaxHeadDim = 256;
+
+// True when attention_tc_forward serves these inputs: fp16/bf16, head dims <= 256, and
+// PYLLM_ATTENTION_KERNEL != "simt" (a switch for comparisons and bisecting).
+bool attention_tc_eligible(const at::Tensor& q, const at::Tensor& v);
+
+// The padded head dim (template instantiation) that serves head dims d and dv.
+int attention_tc_head_dim(int64_t d, int64_t dv);
+
+// Writes out [B, Hq, Lq, Dv] (q's dtype, contiguous) and lse [B, Hq, Lq] (fp32).
+void attention_tc_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const TcAttnArgs& a,
+                          at::Tensor& out, at::Tensor& lse);
+
+}  // namespace PYLLM_CUDA_NS
+}  // namespace pyllm
