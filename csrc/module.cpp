@@ -4,6 +4,9 @@
 
 #if defined(PYLLM_EMULATED)
 #include "emu.h"
+namespace pyllm::emu {
+std::vector<std::vector<int64_t>> attention_tc_configs();  // csrc/cuda/attention_tc.cu
+}
 #endif
 
 #ifndef PYLLM_TORCH_VERSION
@@ -32,6 +35,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("reset") = false,
       "(8x8 matrices read by ldmatrix, extra wavefronts their shared-memory bank conflicts cost) since the "
       "last reset, over every emulated kernel");
+  m.def("attention_tc_configs", &pyllm::emu::attention_tc_configs,
+        "per head-dim instantiation of the tensor-core attention forward: [head_dim, block_m, block_n, threads, "
+        "smem_bytes, q_in_regs, smem_pitch_chunks, xor_swizzle]");
 #else
   m.attr("namespace") = "pyllm";
   m.attr("backend") = "native";

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pyllm {info,demo,bench,gpu-check,train-demo,soak,fuzz}``.
+"""Command line: ``python -m pyllm {info,env,demo,bench,gpu-check,gpu-model,train-demo,soak,fuzz}``.
 
 Everything but ``info`` is tooling in :mod:`pyllm.tools`, imported only when its command runs."""
 from __future__ import annotations
@@ -33,6 +33,11 @@ def main(argv=None) -> int:
     b.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a TTY)")
     g = sub.add_parser("gpu-check", help="on a GPU machine: tests, sanitizer, benchmarks -> one report")
     g.add_argument("--report", default="gpu_report.md")
+    gm = sub.add_parser("gpu-model", help="no GPU needed: ptxas registers/spills + the tensor-core attention's "
+                                          "performance model on paper (docs/GPU.md)")
+    gm.add_argument("--archs", default="80,90", help="compute capabilities to compile for (default 80,90)")
+    gm.add_argument("--write", default=None, metavar="PATH",
+                    help="replace the generated section of this markdown file (e.g. docs/GPU.md)")
     t = sub.add_parser("train-demo", help="train a tiny decoder-only LM and a classifier")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--out", default="train_demo_out")
@@ -76,6 +81,10 @@ def main(argv=None) -> int:
         from .tools.gpu_check import main as gpu_main
 
         return gpu_main(args)
+    if args.cmd == "gpu-model":
+        from .tools.gpu_model import main as model_main
+
+        return model_main(args)
     if args.cmd == "soak":
         from .tools.soak import main as soak_main
 

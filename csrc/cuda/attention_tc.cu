@@ -27,7 +27,8 @@
 // Non-finite values in V: a key whose probability is 0 must contribute nothing (pyllm's
 // rule, docs/RELIABILITY.md), but a tensor-core product gives 0 * inf = NaN. Each thread
 // checks the V chunks it copied; when a tile has a non-finite value (block vote) the warps
-// take an exact SIMT product for that tile that skips zero probabilities.
+// take an exact SIMT product for that tile that skips zero probabilities (P staged through
+// shared memory, 16 keys at a time).
 #include "common.cuh"
 #include "attention_tc.cuh"
 #include "../include/pyllm/tensor_core.cuh"
@@ -77,7 +78,7 @@ struct TcTile {
   static constexpr int kChunks = kD / 8;                  // 16-byte chunks per row
   static constexpr bool kXor = kChunks % 8 == 0;
   static constexpr int kPitch = kXor ? kChunks : kChunks + 1;  // chunks per smem row (odd when padded)
-  static constexpr bool kQInRegs = kD <= 128;
+  static constexpr bool kQInRegs = kD <= 64;  // larger: re-read by ldmatrix (registers)
   static constexpr int kQChunks = kBlockM * kPitch;
   static constexpr int kKVChunks = kN * kPitch;
   static constexpr size_t kSmemBytes = 16 * (size_t)(kQChunks + 4 * kKVChunks);  // Q, 2 x K, 2 x V
@@ -85,6 +86,27 @@ struct TcTile {
   static_assert((kBlockM * kChunks) % kTcThreads == 0 && (kN * kChunks) % kTcThreads == 0, "loader split");
   // Byte offset of chunk c of row r within a tile.
   __device__ static __forceinline__ int off(int r, int c) { return 16 * (r * kPitch + (kXor ? (c ^ (r & 7)) : c)); }
+};
+
+// ldmatrix addresses without a register per (row block, chunk) pair. A lane reads row
+// r = 8 * block + lr (lr = lane % 8) and chunk c = 2x + bit of a tile. With the XOR swizzle,
+// c ^ lr = 8 * (x >> 2) + 2 * ((x & 3) ^ (lr >> 1)) + (bit ^ (lr & 1)): four lane-dependent
+// bases, the rest compile-time immediates ([reg + imm] addressing). off(r, c) is the spec;
+// TcLane::at must agree with it (checked on every emulated call by the bank/alignment checks
+// and by the results).
+template <int kD>
+struct TcLane {
+  using Tile = TcTile<kD>;
+  int base[4];  // byte offset of (row lr, chunk 2q + bit) for q = 0..3
+  __device__ __forceinline__ TcLane(int lr, int bit) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      base[q] = 16 * (lr * Tile::kPitch + (Tile::kXor ? (((q ^ (lr >> 1)) << 1) | (bit ^ (lr & 1))) : 2 * q + bit));
+  }
+  // Byte offset of (row 8 * block + lr, chunk 2x + bit); block and x are compile-time in callers.
+  __device__ __forceinline__ int at(int block, int x) const {
+    return base[x & 3] + 16 * (8 * block * Tile::kPitch + 8 * (x >> 2));
+  }
 };
 
 // Issues the cp.async copies of rows [row0, row0 + kRows) of a [L, d8] matrix (row stride ld)
@@ -193,8 +215,12 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   uint32_t qf[Tile::kQInRegs ? kKS : 1][4];
 
-  // This lane's ldmatrix row address within a 16-row block: matrix lane/8, row lane%8.
+  // ldmatrix lane roles: lanes 8m..8m+7 address the rows of matrix m.
   const int lm = lane / 8, lr = lane % 8;
+  const TcLane<kD> qlane(lr, lm / 2);   // Q (A operand): matrices (rows +0/+8) x (chunk +0/+1)
+  const TcLane<kD> klane(lr, lm % 2);   // K (B operand): matrices (chunk +0/+1) x (keys +0/+8)
+  const TcLane<kD> vlane(lr, lm / 2);   // V (B operand, .trans): (keys +0/+8) x (chunk +0/+1)
+  const int qrow = 2 * warp + lm % 2, krow = lm / 2, vrow = lm % 2;  // 8-row block of this lane
 
   for (int t = 0; t < ntiles; ++t) {
     const int64_t k0 = klo + (int64_t)t * kN;
@@ -209,7 +235,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
       if (t == 0) {
 #pragma unroll
         for (int kk = 0; kk < kKS; ++kk)
-          tc::ldmatrix_x4(qf[kk], sq + Tile::off(warp * 16 + (lm % 2) * 8 + lr, 2 * kk + lm / 2));
+          tc::ldmatrix_x4(qf[kk], sq + qlane.at(qrow, kk));
       }
     }
 
@@ -224,12 +250,12 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
 #pragma unroll
         for (int x = 0; x < 4; ++x) a[x] = qf[kk][x];
       } else {
-        tc::ldmatrix_x4(a, sq + Tile::off(warp * 16 + (lm % 2) * 8 + lr, 2 * kk + lm / 2));
+        tc::ldmatrix_x4(a, sq + qlane.at(qrow, kk));
       }
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bf[4];  // K rows np*16 + (lm/2)*8 + lr, d chunk 2kk + lm%2
-        tc::ldmatrix_x4(bf, skt + Tile::off(np * 16 + (lm / 2) * 8 + lr, 2 * kk + lm % 2));
+        tc::ldmatrix_x4(bf, skt + klane.at(2 * np + krow, kk));
         const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
         tc::mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
         tc::mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
@@ -243,6 +269,14 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
 
     // Scores in log2 units; the per-element test only on tiles some row sees in part.
     const bool full = !elementwise && k0 >= p.g.lo(ilast) && k0 + kN <= p.g.hi(i0);
+    // Row bounds relative to this tile, clamped to [0, kN]: 32-bit compares per element.
+    int tlo[2], thi[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t a = rlo[r] - k0, z = rhi[r] - k0;
+      tlo[r] = (int)(a < 0 ? 0 : (a > kN ? kN : a));
+      thi[r] = (int)(z < 0 ? 0 : (z > kN ? kN : z));
+    }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
@@ -251,10 +285,11 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
         const int r = e / 2;
         float x = s[n][e] * p.scale_log2;
         if (!full) {
-          const int64_t j = k0 + n * 8 + 2 * (lane % 4) + (e % 2);
-          if (j < rlo[r] || j >= rhi[r]) {
+          const int jt = n * 8 + 2 * (lane % 4) + (e % 2);
+          if (jt < tlo[r] || jt >= thi[r]) {
             x = -INFINITY;
           } else {
+            const int64_t j = k0 + jt;
             if (p.alibi) {
               const int64_t pos = ri[r] + p.g.shift;
               x -= slope * (float)(pos > j ? pos - j : j - pos);
@@ -320,26 +355,36 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
 #pragma unroll
         for (int dp = 0; dp < kOT / 2; ++dp) {
           uint32_t bf[4];  // V rows (keys) kk*16 + (lm%2)*8 + lr, d chunk 2dp + lm/2, transposed
-          tc::ldmatrix_x4_trans(bf, svt + Tile::off(kk * 16 + (lm % 2) * 8 + lr, 2 * dp + lm / 2));
+          tc::ldmatrix_x4_trans(bf, svt + vlane.at(2 * kk + vrow, dp));
           const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
           tc::mma_m16n8k16<T>(o[2 * dp], a, b0, o[2 * dp]);
           tc::mma_m16n8k16<T>(o[2 * dp + 1], a, b1, o[2 * dp + 1]);
         }
       }
     } else {
-      // Exact product skipping zero probabilities: P[row][key] comes from the lane that holds
-      // it (key column c of n-tile n: lane (lane/4)*4 + c/2, element c%2 / 2 + c%2).
+      // Exact product skipping zero probabilities, 16 keys at a time: the warp writes its P
+      // block (16 rows x 16 keys, as T) to its 512 bytes of this tile's K buffer (free: every
+      // warp finished S before the vote above; the next K tile loads into the other buffer).
+      unsigned char* pw = skt + warp * 512;
 #pragma unroll
-      for (int n = 0; n < kNT; ++n) {
+      for (int kk = 0; kk < kN / 16; ++kk) {
+        __syncwarp();
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const int src = (lane & ~3) | (c / 2);
-          const float p0 = __shfl_sync(kFullMask, s[n][c % 2], src);
-          const float p1 = __shfl_sync(kFullMask, s[n][2 + c % 2], src);
-          const int key = n * 8 + c;
+        for (int half = 0; half < 2; ++half) {  // n-tiles 2kk, 2kk+1 = keys 0-7, 8-15 of the block
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            uint32_t* d = reinterpret_cast<uint32_t*>(pw + 2 * (16 * (lane / 4 + 8 * r) + 8 * half + 2 * (lane % 4)));
+            *d = pack2<T>(s[2 * kk + half][2 * r], s[2 * kk + half][2 * r + 1]);
+          }
+        }
+        __syncwarp();
+#pragma unroll 1
+        for (int jj = 0; jj < 16; ++jj) {
+          const float p0 = b16_at<T>(pw + 2 * (16 * (lane / 4) + jj));
+          const float p1 = b16_at<T>(pw + 2 * (16 * (lane / 4 + 8) + jj));
 #pragma unroll
           for (int dn = 0; dn < kOT; ++dn) {
-            const unsigned char* vp = svt + Tile::off(key, dn) + 2 * (2 * (lane % 4));
+            const unsigned char* vp = svt + Tile::off(kk * 16 + jj, dn) + 2 * (2 * (lane % 4));
             const float v0 = b16_at<T>(vp), v1 = b16_at<T>(vp + 2);
             if (p0 != 0.f) {
               o[dn][0] += p0 * v0;
@@ -408,7 +453,7 @@ at::Tensor tc_operand(const at::Tensor& t) {
   if (d % 8 != 0) return at::constant_pad_nd(t, {0, 8 - d % 8}, 0).contiguous();
   bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int i = 0; i < 3 && ok; ++i) ok = t.size(i) <= 1 || t.stride(i) % 8 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);  // a fresh allocation is aligned
 }
 
 template <typename T, int kD>
@@ -440,7 +485,26 @@ void dispatch_head_dim(int kd, const TcParams& p, int64_t B) {
   }
 }
 
+template <int kD>
+void add_config(std::vector<std::vector<int64_t>>& out) {
+  using Tile = TcTile<kD>;
+  out.push_back({kD, kBlockM, Tile::kN, kTcThreads, (int64_t)Tile::kSmemBytes, Tile::kQInRegs ? 1 : 0,
+                 Tile::kPitch, Tile::kXor ? 1 : 0});
+}
+
 }  // namespace
+
+std::vector<std::vector<int64_t>> attention_tc_configs() {
+  std::vector<std::vector<int64_t>> out;
+  add_config<32>(out);
+  add_config<64>(out);
+  add_config<96>(out);
+  add_config<128>(out);
+  add_config<160>(out);
+  add_config<192>(out);
+  add_config<256>(out);
+  return out;
+}
 
 bool attention_tc_eligible(const at::Tensor& q, const at::Tensor& v) {
   const char* env = std::getenv("PYLLM_ATTENTION_KERNEL");

@@ -35,6 +35,11 @@ bool attention_tc_eligible(const at::Tensor& q, const at::Tensor& v);
 // The padded head dim (template instantiation) that serves head dims d and dv.
 int attention_tc_head_dim(int64_t d, int64_t dv);
 
+// One row per head-dim instantiation: {head dim, query rows per CTA, keys per tile, threads per
+// CTA, dynamic shared memory bytes, Q kept in registers, smem row pitch in 16-byte chunks, XOR
+// swizzle}: the facts the performance model (python -m pyllm gpu-model) starts from.
+std::vector<std::vector<int64_t>> attention_tc_configs();
+
 // Writes out [B, Hq, Lq, Dv] (q's dtype, contiguous) and lse [B, Hq, Lq] (fp32).
 void attention_tc_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const TcAttnArgs& a,
                           at::Tensor& out, at::Tensor& lse);

@@ -18,18 +18,32 @@ from ._common import (check_finite, check_flag, check_float, check_mask, check_s
                       run)
 from .masked_softmax import padding_keep
 
-# The CUDA kernel (and its emulation) keeps a row of the output in registers.
+# The CUDA kernels (and their emulation) keep a row of the output in registers.
 CUDA_MAX_HEAD_DIM = 256
+# fp32 on CUDA: pyllm's fp32 kernel is the SIMT one (no tensor cores), which the performance model
+# (docs/GPU.md) puts below torch's own attention; `auto` runs torch instead (SDPA when the call is
+# mask-free, else the fp32 composition), unless its [B, H, Lq, Lk] fp32 scores would exceed this
+# many bytes: then the SIMT kernel, whose memory does not grow with Lq * Lk.
+CUDA_FP32_TORCH_MAX_SCORE_BYTES = 1 << 30
+
+CUDA_RULE = ("CUDA: fp16/bf16 with head dims <= 256 -> tensor-core kernel (attention_tc.cu); "
+             "fp32 -> torch (SDPA without a mask, else the fp32 composition) unless the fp32 scores "
+             f"would exceed {CUDA_FP32_TORCH_MAX_SCORE_BYTES >> 30} GiB, then the SIMT kernel; "
+             f"head dims > {CUDA_MAX_HEAD_DIM} -> torch")
 
 
-def _limit_check(path, head_dim):
+def _limit_check(path, head_dim, dtype=None, score_elems=0, backend=None):
     if path in ("native-cuda", "cuda-emulated") and head_dim > CUDA_MAX_HEAD_DIM:
         return f"head dim {head_dim} > {CUDA_MAX_HEAD_DIM} (CUDA kernel limit)"
+    if (path == "native-cuda" and backend == "auto" and dtype == torch.float32
+            and 4 * score_elems <= CUDA_FP32_TORCH_MAX_SCORE_BYTES):
+        return ("float32 on CUDA: torch's attention is faster than pyllm's SIMT fp32 kernel "
+                "(no tensor cores; docs/GPU.md)")
     return None
 
 
 LIMITS = Limits(check=_limit_check,
-                notes=f"CPU: any head dim; CUDA: head dims up to {CUDA_MAX_HEAD_DIM}")
+                notes=f"CPU: any head dim; {CUDA_RULE}")
 
 
 # --------------------------------------------------------------------------- reference
@@ -149,6 +163,12 @@ def reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     broadcastable to [..., Hq, Lq, Lk]. GQA: Hkv divides Hq (``enable_gqa``).
     Dropout (training) uses torch's RNG on the probabilities.
     """
+    if (query.is_cuda and query.dtype == torch.float32 and attn_mask is None and alibi_slopes is None
+            and sliding_window is None and not return_lse and key.shape[-2] > 0
+            and (not is_causal or causal_alignment == "top_left" or query.shape[-2] == key.shape[-2])):
+        # torch's fused SDPA keeps these semantics exactly (no row can be fully masked).
+        return TF.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=query.shape[-3] != key.shape[-3])
     acc = (lambda t: t if t.dtype == torch.float64 else t.float())
     q, k, v = acc(query), acc(key), acc(value)
     if k.shape[-2] == 0:  # no keys: every query is fully masked
@@ -268,8 +288,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  causal_alignment, sliding_window)
     check_alibi(alibi_slopes, query.shape[-3], [query.shape[:-3]] if query.dim() > 3 else [], query, "query")
     dmax = max(query.shape[-1], value.shape[-1])
-    d = backends.select("scaled_dot_product_attention", (query, key, value, attn_mask), LIMITS, (dmax,),
-                        typed=(query, key, value))
+    scores = math.prod(query.shape[:-1]) * key.shape[-2]
+    d = backends.select("scaled_dot_product_attention", (query, key, value, attn_mask), LIMITS,
+                        (dmax, query.dtype, scores, backends.current_backend()), typed=(query, key, value))
     if d.uses_kernel:
         return _kernel(d.ns, query, key, value, attn_mask, dropout_p, is_causal, scale,
                        causal_alignment, sliding_window, alibi_slopes)

@@ -432,4 +432,58 @@ EMU_TEST(planted_missing_syncthreads_before_next_tile_copy_is_caught) {
   EMU_CHECK_MSG(wrong > 0, "the race went unnoticed under every schedule order");
 }
 
+// ------------------------------------------------------------------ shared memory limits and banks
+__global__ void big_smem_kernel(int* out) {
+  unsigned char* sm = pyllm_dynamic_smem<unsigned char>();
+  sm[threadIdx.x] = (unsigned char)threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = sm[threadIdx.x];
+}
+
+// As on the GPU (CUDA C Programming Guide, "Shared Memory"): more than 48 KiB of dynamic shared
+// memory needs cudaFuncAttributeMaxDynamicSharedMemorySize raised for that kernel first.
+EMU_TEST(dynamic_smem_above_48k_needs_the_opt_in_attribute) {
+  std::vector<int> out(32);
+  auto k = big_smem_kernel;
+  EMU_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 48 * 1024) == cudaSuccess);
+  PYLLM_LAUNCH(k, 1, 32, 48 * 1024, nullptr, out.data());  // the default limit itself is fine
+  EMU_EXPECT_THROW(PYLLM_LAUNCH(k, 1, 32, 48 * 1024 + 16, nullptr, out.data()), "above the 48 KiB default",
+                   "cudaFuncSetAttribute");
+  EMU_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024) == cudaSuccess);
+  PYLLM_LAUNCH(k, 1, 32, 96 * 1024, nullptr, out.data());
+  EMU_CHECK(out[31] == 31);
+  EMU_EXPECT_THROW(PYLLM_LAUNCH(k, 1, 32, 96 * 1024 + 16, nullptr, out.data()), "above the 48 KiB default");
+  EMU_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 228 * 1024) ==
+            cudaErrorInvalidValue);  // above the largest per-block maximum (227 KiB, sm_90)
+}
+
+// ldmatrix.x1 with lane r (r < 8) addressing row r at `pitch` bytes, 16-byte chunk (r ^ xr) * xor_on.
+__global__ void ldmatrix_pitch_kernel(int pitch, int xor_on, uint32_t* out) {
+  unsigned char* sm = pyllm_dynamic_smem<unsigned char>();
+  const int lane = threadIdx.x % 32, r = lane % 8;
+  uint32_t v[1];
+  pyllm::tc::ldmatrix_x1(v, sm + r * pitch + 16 * (xor_on ? r : 0));
+  out[lane] = v[0];
+}
+
+// 8 rows of 16 bytes in one phase: rows 128 bytes apart hit the same 4 banks (8 wavefronts, 7 extra);
+// 144 bytes apart (odd chunk pitch) or XOR-swizzled they are conflict-free; 64 bytes apart: 2-way.
+EMU_TEST(ldmatrix_bank_conflicts_are_counted) {
+  std::vector<uint32_t> out(32);
+  auto k = ldmatrix_pitch_kernel;
+  const struct {
+    int pitch, xor_on;
+    uint64_t extra;
+  } cases[] = {{128, 0, 7}, {144, 0, 0}, {128, 1, 0}, {64, 0, 1}, {16, 0, 0}};
+  for (const auto& c : cases) {
+    uint64_t phases = 0, extra = 0;
+    pyllm_emu::ldmatrix_bank_stats(nullptr, nullptr, true);
+    PYLLM_LAUNCH(k, 1, 32, 8 * 256, nullptr, c.pitch, c.xor_on, out.data());
+    pyllm_emu::ldmatrix_bank_stats(&phases, &extra, true);
+    EMU_CHECK_MSG(phases == 1 && extra == c.extra, "pitch " + std::to_string(c.pitch) + " xor " +
+                  std::to_string(c.xor_on) + ": " + std::to_string(phases) + " phases, " + std::to_string(extra) +
+                  " extra wavefronts, expected " + std::to_string(c.extra));
+  }
+}
+
 int main(int argc, char** argv) { return emu_test::run_all(argc, argv); }

@@ -1,0 +1,279 @@
+"""The tensor-core attention forward (csrc/cuda/attention_tc.cu) under the CUDA emulation.
+
+fp16/bf16 CUDA attention with head dims <= 256 runs this kernel (``PYLLM_ATTENTION_KERNEL=simt``
+keeps the SIMT kernel). Every case is judged by the shared rule (pyllm.testing): error against an
+fp64 oracle at most 2x torch's own error in the same dtype. Each case also checks that the kernel
+really ran (ldmatrix phases counted by the emulator) without a shared-memory bank conflict.
+The Makefile runs this file twice: emulated blocks in forward order, then in a random order.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pyllm
+import pyllm.functional as PF
+from pyllm import _ext
+
+from helpers import assert_close_to_ref, attention_torch, keep_mask
+
+pytestmark = [
+    pytest.mark.emulated,
+    pytest.mark.skipif(not _ext.HAS_EMU, reason=f"emulated CUDA module not built ({_ext.C_EMU_ERROR})"),
+]
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def emu():
+    import pyllm._C_emu as m
+
+    return m
+
+
+def run_tc(q, k, v, mask=None, scale=None, causal=False, bottom_right=False, window=(-1, -1), dropout_p=0.0,
+           seed=0, alibi=None):
+    """torch.ops.pyllm_emu.attention with the bank-conflict counter read around it."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    emu().ldmatrix_bank_stats(True)
+    out, lse = torch.ops.pyllm_emu.attention(q, k, v, mask, scale, causal, bottom_right, window[0], window[1],
+                                             dropout_p, seed, alibi)
+    phases, extra = emu().ldmatrix_bank_stats(True)
+    assert phases > 0, "the tensor-core kernel did not run (no ldmatrix)"
+    assert extra == 0, f"{extra} extra shared-memory wavefronts from ldmatrix bank conflicts ({phases} phases)"
+    return out, lse
+
+
+def oracle(q, k, v, mask, causal, alignment, window, scale):
+    """(fp64 output, fp64 lse, torch's same-dtype output) with every mask made explicit."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    keep = keep_mask(lq, lk, causal, alignment, window)
+    group = q.shape[1] // k.shape[1]
+    k64, v64 = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    s = (q.double() @ k64.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.double()
+    if keep is not None:
+        s = s.masked_fill(~keep, -math.inf)
+    dead = (s == -math.inf).all(-1, keepdim=True)
+    p = s.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s, -1)
+    return p @ v64, lse, attention_torch(q, k, v, mask, causal, alignment, window, scale)
+
+
+def check(q, k, v, mask=None, causal=False, alignment="top_left", window=None, what=""):
+    scale = q.shape[-1] ** -0.5
+    w = window or (-1, -1)
+    out, lse = run_tc(q, k, v, mask, scale, causal, alignment == "bottom_right", w)
+    ref, lref, base = oracle(q, k, v, mask, causal, alignment, window, scale)
+    assert out.dtype == q.dtype and out.is_contiguous()
+    assert_close_to_ref(out, ref, base, mult=2.0, name=f"out {what}")
+    # lse (fp32): a few fp32 ulps of its magnitude, -inf exactly on fully hidden rows.
+    assert torch.equal(torch.isinf(lse), torch.isinf(lref)), f"lse -inf placement {what}"
+    fin = torch.isfinite(lref)
+    if fin.any():
+        err = (lse.double() - lref)[fin].abs().max().item()
+        assert err <= 1e-5 * max(1.0, lref[fin].abs().max().item()), f"lse error {err:.2e} {what}"
+
+
+def rnd(shape, dtype, gen, layout="contiguous"):
+    if layout == "contiguous":
+        return torch.randn(shape, generator=gen).to(dtype)
+    b, h, l, d = shape
+    if layout == "blhd":  # Hugging Face's [B, L, H, D] storage viewed as [B, H, L, D]
+        return torch.randn(b, l, h, d, generator=gen).to(dtype).transpose(1, 2)
+    if layout == "sliced":  # head-dim slice of a wider tensor (row stride != D)
+        return torch.randn(b, h, l, d + 24, generator=gen).to(dtype)[..., 8:8 + d]
+    if layout == "misaligned":  # storage offset of one element: not 16-byte aligned
+        return torch.randn(b * h * l * d + 1, generator=gen).to(dtype)[1:].view(b, h, l, d)
+    raise ValueError(layout)
+
+
+# ------------------------------------------------------------------------- head dims
+HEAD_DIMS = [32, 64, 96, 128, 256, 40, 80, 111]  # the last three run padded (64, 96, 128)
+LEN_PAIRS = [(1, 1), (7, 200), (65, 127), (200, 17)]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("lq,lk", LEN_PAIRS)
+def test_head_dims(d, lq, lk, dtype):
+    gen = torch.Generator().manual_seed(d * 1000 + lq * 7 + lk)
+    q, k, v = (rnd((1, 2, n, d), dtype, gen) for n in (lq, lk, lk))
+    check(q, k, v, what=f"d={d} lq={lq} lk={lk}")
+
+
+@pytest.mark.parametrize("d,dv", [(64, 32), (40, 130), (192, 160), (16, 256)])
+def test_different_v_head_dim(d, dv):
+    gen = torch.Generator().manual_seed(d + dv)
+    q, k, v = rnd((1, 2, 33, d), torch.float16, gen), rnd((1, 2, 70, d), torch.float16, gen), rnd(
+        (1, 2, 70, dv), torch.float16, gen)
+    check(q, k, v, causal=True, alignment="bottom_right", what=f"d={d} dv={dv}")
+
+
+# ------------------------------------------------------------------------- lengths x geometry
+LENS = [1, 7, 16, 17, 64, 65, 127, 200]
+
+
+@pytest.mark.parametrize("lq", LENS)
+@pytest.mark.parametrize("lk", LENS)
+def test_lengths_causal_both_alignments(lq, lk):
+    gen = torch.Generator().manual_seed(lq * 1000 + lk)
+    dtype = HALF[(lq + lk) % 2]
+    q, k, v = (rnd((1, 1, n, 64), dtype, gen) for n in (lq, lk, lk))
+    check(q, k, v, what=f"lq={lq} lk={lk} full")
+    for alignment in ("top_left", "bottom_right"):
+        check(q, k, v, causal=True, alignment=alignment, what=f"lq={lq} lk={lk} causal {alignment}")
+
+
+@pytest.mark.parametrize("window", [(0, 0), (3, 0), (16, 16), (64, -1), (-1, 5), (70, 1)])
+@pytest.mark.parametrize("causal,alignment", [(False, "top_left"), (True, "bottom_right"), (True, "top_left")])
+def test_windows(window, causal, alignment):
+    gen = torch.Generator().manual_seed(sum(window) + 100 * causal)
+    q, k, v = (rnd((1, 2, n, 64), torch.bfloat16, gen) for n in (200, 230, 230))
+    check(q, k, v, causal=causal, alignment=alignment, window=window, what=f"window {window}")
+
+
+# ------------------------------------------------------------------------- GQA, masks, layouts
+@pytest.mark.parametrize("hq,hkv", [(8, 1), (4, 2)])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_gqa(hq, hkv, dtype):
+    gen = torch.Generator().manual_seed(hq * 10 + hkv)
+    q = rnd((2, hq, 65, 64), dtype, gen)
+    k, v = rnd((2, hkv, 127, 64), dtype, gen), rnd((2, hkv, 127, 64), dtype, gen)
+    check(q, k, v, causal=True, alignment="bottom_right", what=f"gqa {hq}:{hkv}")
+
+
+def masks(b, h, lq, lk, dtype, gen):
+    pad = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    pad[0, ..., lk // 2:] = False
+    strided = (torch.rand(lk, lq, generator=gen) > 0.4).t()  # [Lq, Lk] with column stride Lq
+    dead = torch.rand(b, h, lq, lk, generator=gen) > 0.5
+    dead[:, :, ::5] = False  # fully masked rows -> zeros, lse -inf
+    t5 = torch.randn(1, h, lq, lk, generator=gen).to(dtype)  # additive position bias [1, H, Lq, Lk]
+    addpad = torch.zeros(b, 1, 1, lk, dtype=dtype)
+    addpad[-1, ..., 3:] = -math.inf
+    alibi = (-(torch.arange(h).view(h, 1, 1) + 1) * 0.1 *
+             (torch.arange(lq).view(-1, 1) - torch.arange(lk).view(1, -1)).abs()).to(dtype)
+    strided_add = torch.randn(b, h, lk, lq, generator=gen).to(dtype).transpose(-1, -2)
+    return {"bool_pad": pad, "bool_strided": strided, "bool_dead_rows": dead, "t5_bias": t5,
+            "t5_bias_pad": t5 + addpad, "alibi_bias": alibi, "add_strided": strided_add}
+
+
+@pytest.mark.parametrize("kind", ["bool_pad", "bool_strided", "bool_dead_rows", "t5_bias", "t5_bias_pad",
+                                  "alibi_bias", "add_strided"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_masks(kind, dtype):
+    gen = torch.Generator().manual_seed(len(kind))
+    b, h, lq, lk = 2, 2, 70, 97
+    q, k, v = (rnd((b, h, n, 96), dtype, gen) for n in (lq, lk, lk))
+    mask = masks(b, h, lq, lk, dtype, gen)[kind]
+    check(q, k, v, mask=mask, what=kind)
+    check(q, k, v, mask=mask, causal=True, alignment="bottom_right", what=f"{kind} causal")
+
+
+@pytest.mark.skipif(not _ext.HAS_C, reason=f"compares with the native CPU kernel's dropout mask ({_ext.C_ERROR})")
+def test_alibi_slopes_and_dropout_mask():
+    # ALiBi from slopes, against the same bias written out as an additive mask.
+    gen = torch.Generator().manual_seed(5)
+    b, h, lq, lk = 1, 4, 37, 90
+    q, k, v = (rnd((b, h, n, 64), torch.float16, gen) for n in (lq, lk, lk))
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(h)])
+    shift = lk - lq
+    dist = ((torch.arange(lq).view(-1, 1) + shift) - torch.arange(lk).view(1, -1)).abs()
+    bias = (-slopes.view(h, 1, 1) * dist)
+    scale = 64 ** -0.5
+    out, _ = run_tc(q, k, v, None, scale, True, True, (-1, -1), alibi=slopes)
+    ref, _, _ = oracle(q, k, v, bias.double(), True, "bottom_right", None, scale)
+    base = attention_torch(q, k, v, bias.to(torch.float16), True, "bottom_right", None, scale)
+    assert_close_to_ref(out, ref, base, name="alibi slopes")
+    # Dropout: q = 0 and v = I expose the kernel's keep mask Z (same counter hash as the SIMT
+    # and CPU kernels); the dropped output must equal softmax * Z / (1 - p) @ v.
+    p, seed = 0.3, 1234
+    eye = torch.eye(lk, dtype=torch.float16).expand(b, h, lk, lk)
+    w, _ = run_tc(torch.zeros_like(q), k, eye, None, scale, False, False, (-1, -1), p, seed)
+    z = w != 0
+    assert abs((1 - z.float().mean().item()) - p) < 0.03
+    simt = torch.ops.pyllm.attention(torch.zeros_like(q).float(), k.float(), eye.float(), None, scale, False, False,
+                                     -1, -1, p, seed, None)[0]
+    assert torch.equal(simt != 0, z), "dropout mask differs from the CPU kernel's"
+    out, _ = run_tc(q, k, v, None, scale, False, False, (-1, -1), p, seed)
+    s = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, -1)
+    ref = (s * z / (1 - p)) @ v.double()
+    base = ((torch.softmax((q @ k.transpose(-1, -2)).float() * scale, -1).to(q.dtype) * z / (1 - p)) @ v)
+    assert_close_to_ref(out, ref, base, name="dropout")
+
+
+@pytest.mark.parametrize("layout", ["blhd", "sliced", "misaligned"])
+def test_noncontiguous_inputs(layout):
+    gen = torch.Generator().manual_seed(len(layout))
+    q, k, v = (rnd((2, 3, n, 64), torch.bfloat16, gen, layout) for n in (65, 100, 100))
+    assert not q.is_contiguous() or q.data_ptr() % 16 != 0
+    check(q, k, v, causal=True, what=layout)
+
+
+def test_nonfinite_v_at_hidden_keys_contributes_nothing():
+    # Inf/NaN in V at keys every query hides: the tensor-core product would give 0 * inf = NaN;
+    # the kernel must take its exact path and return the finite answer.
+    gen = torch.Generator().manual_seed(9)
+    lq, lk = 40, 150
+    q, k, v = (rnd((1, 2, n, 64), torch.float16, gen) for n in (lq, lk, lk))
+    mask = torch.ones(1, 1, 1, lk, dtype=torch.bool)
+    mask[..., 100:110] = False
+    v[:, :, 100, 3] = math.inf
+    v[:, :, 105, :] = math.nan
+    out, _ = run_tc(q, k, v, mask)
+    v0 = v.clone()
+    v0[:, :, 100:110] = 0
+    ref, _, base = oracle(q, k, v0, mask, False, "top_left", None, 64 ** -0.5)
+    assert torch.isfinite(out).all()
+    assert_close_to_ref(out, ref, base, name="non-finite v at hidden keys")
+    # A visible key with an Inf in V makes that column non-finite, as in torch.
+    mask[..., 100] = True
+    out, _ = run_tc(q, k, v, mask)
+    assert not torch.isfinite(out[..., 3]).any() and torch.isnan(out).all(-1).logical_not().all()
+
+
+def test_nan_query_row_is_nan():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (rnd((1, 1, n, 64), torch.float16, gen) for n in (20, 30, 30))
+    q[0, 0, 4, 7] = math.nan
+    out, lse = run_tc(q, k, v)
+    assert torch.isnan(out[0, 0, 4]).all() and torch.isnan(lse[0, 0, 4])
+    assert torch.isfinite(out[0, 0, 5:]).all()
+
+
+# ------------------------------------------------------------------------- decode
+@pytest.mark.parametrize("lq", [1, 4, 16])
+@pytest.mark.parametrize("lk", [1, 300, 1000])
+def test_decode_over_kv_cache(lq, lk):
+    gen = torch.Generator().manual_seed(lq + lk)
+    q = rnd((1, 8, lq, 128), torch.bfloat16, gen)
+    k, v = rnd((1, 2, lk, 128), torch.bfloat16, gen), rnd((1, 2, lk, 128), torch.bfloat16, gen)
+    check(q, k, v, causal=True, alignment="bottom_right", what=f"decode lq={lq} lk={lk}")
+
+
+# ------------------------------------------------------------------------- dispatch
+def test_dispatch_and_simt_switch(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (rnd((1, 2, 20, 64), torch.float16, gen) for _ in range(3))
+    emu().ldmatrix_bank_stats(True)
+    with pyllm.use_backend("cuda-emulated"):
+        a = PF.scaled_dot_product_attention(q, k, v)
+    assert emu().ldmatrix_bank_stats(True)[0] > 0, "fp16 attention did not take the tensor-core kernel"
+    for name in ("float32 inputs", "PYLLM_ATTENTION_KERNEL=simt"):
+        if name.startswith("PYLLM"):
+            monkeypatch.setenv("PYLLM_ATTENTION_KERNEL", "simt")
+            qq, kk, vv = q, k, v
+        else:
+            qq, kk, vv = q.float(), k.float(), v.float()
+        with pyllm.use_backend("cuda-emulated"):
+            b = PF.scaled_dot_product_attention(qq, kk, vv)
+        assert emu().ldmatrix_bank_stats(True)[0] == 0, f"{name}: expected the SIMT kernel"
+        assert (a.double() - b.double()).abs().max() < 2e-3
+    # The tensor-core kernel and the SIMT kernel agree on the same fp16 inputs (both by the rule).
+    ref, _, base = oracle(q, k, v, None, False, "top_left", None, 64 ** -0.5)
+    assert_close_to_ref(b, ref, base, name="simt")
+    assert_close_to_ref(a, ref, base, name="tensor cores")
