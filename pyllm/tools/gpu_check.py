@@ -11,11 +11,14 @@ Stages (each one's log goes into the report; a failed stage does not stop the ne
              ``python -m pyllm.tools.sanitize --device cuda``, which calls every registered op
              (``pyllm.ops.specs()``) on its samples, forward and backward, in every kernel dtype.
 4. bench   - ``python -m pyllm bench --device cuda`` (% of measured bandwidth / matmul rate).
+5. attention - ``python -m pyllm.tools.attn_bench``: the tensor-core attention forward and decode
+             in TFLOP/s and % of the GPU's fp16 peak, against ``F.scaled_dot_product_attention``
+             (flash backend) and flash-attn when installed.
 
 Writes one markdown report (``--report``, default gpu_report.md) and exits 0 when every
 stage passed, 1 otherwise, and 2 (after printing "no CUDA device visible") without a GPU.
 
-Environment: ``PYLLM_GPU_CHECK_STAGES`` (comma list, default all four),
+Environment: ``PYLLM_GPU_CHECK_STAGES`` (comma list, default all five),
 ``PYLLM_GPU_CHECK_TESTS`` (pytest paths, default the op tests), ``MAX_JOBS``.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGES = ("build", "tests", "sanitizer", "bench")
+STAGES = ("build", "tests", "sanitizer", "bench", "attention")
 
 
 def say(msg: str) -> None:
@@ -188,6 +191,16 @@ def main(args) -> int:
                 f"{os.path.basename(bench_md)}, rows: {os.path.basename(bench_csv)}", "" if rc == 0 else out)
         if body:
             rep.sections.append(body)
+
+    # 5. attention throughput -----------------------------------------------------------
+    if "attention" in stages:
+        attn_md = os.path.splitext(report_path)[0] + "_attention.md"
+        rc, out, dt = run([py, "-m", "pyllm.tools.attn_bench", "--device", "cuda", "--output", attn_md],
+                          env=env, timeout=1800)
+        rep.add("attention", rc == 0, f"`python -m pyllm.tools.attn_bench --device cuda` -> exit {rc} in {dt:.0f} s "
+                f"(model to compare with: docs/GPU.md)", "" if rc == 0 else out)
+        if rc == 0 and os.path.exists(attn_md):
+            rep.sections.append("### Attention forward and decode\n\n" + open(attn_md).read())
 
     verdict = all(v is not False for v in rep.results.values())
     head.append(f"- verdict: **{'PASS' if verdict else 'FAIL'}** "

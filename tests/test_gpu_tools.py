@@ -1,0 +1,82 @@
+"""The GPU tooling that cannot run its real job here: the performance model (python -m pyllm
+gpu-model) and the attention throughput benchmark (gpu-check's `attention` stage)."""
+from __future__ import annotations
+
+import pytest
+
+from pyllm import _ext
+from pyllm.tools import attn_bench, gpu_model
+
+PTXAS = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_ZN5pyllm4cuda12_GLOBAL__N_118attn_tc_fwd_kernelI6__halfLi64EEEvNS1_8TcParamsE' for 'sm_80'
+ptxas info    : Function properties for _ZN5pyllm4cuda12_GLOBAL__N_118attn_tc_fwd_kernelI6__halfLi64EEEvNS1_8TcParamsE
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 218 registers, used 1 barriers, 776 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN5pyllm4cuda12_GLOBAL__N_118attn_tc_fwd_kernelI13__nv_bfloat16Li256EEEvNS1_8TcParamsE' for 'sm_90'
+ptxas info    : Function properties for _ZN5pyllm4cuda12_GLOBAL__N_118attn_tc_fwd_kernelI13__nv_bfloat16Li256EEEvNS1_8TcParamsE
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 776 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas():
+    rows = gpu_model.parse_ptxas(PTXAS)
+    assert [(r["arch"], r["dtype"], r["head_dim"], r["registers"], r["spill_stores"], r["spill_loads"], r["stack"])
+            for r in rows] == [("sm_80", "fp16", 64, 218, 4, 12, 8), ("sm_90", "bf16", 256, 255, 0, 0, 0)]
+
+
+CFG = {"head_dim": 128, "block_m": 64, "block_n": 64, "threads": 128, "smem": 80 * 1024, "q_in_regs": 0,
+       "pitch": 16, "xor": 1}
+
+
+def test_tile_work_counts_the_inner_loop():
+    w = gpu_model.tile_work(CFG)
+    # 4 warps x (S: 8 k-steps x 8 n-tiles + PV: 4 k-steps x 16 n-tiles) m16n8k16 products
+    assert w["mma"] == 4 * (8 * 8 + 4 * 16)
+    assert w["flops"] == 4 * 64 * 64 * 128  # 2 GEMMs of 64 x 64 x 128, 2 FLOP per FMA
+    # ldmatrix.x4 (512 bytes): Q 8 + K 32 + V 32 per warp
+    assert w["ldsm_bytes"] == 4 * (8 + 32 + 32) * 512
+    assert w["cp_bytes"] == 2 * 64 * 128 * 2 and w["exps"] == 64 * 64
+
+
+def test_occupancy_limits():
+    a100, h100 = gpu_model.GPUS
+    assert gpu_model.occupancy(CFG, 255, a100) == 2  # 80 KiB smem, 256 regs x 128 threads: 2 each
+    assert gpu_model.occupancy(CFG, 128, h100) == 2  # 228 KiB / 81 KiB
+    assert gpu_model.occupancy(dict(CFG, smem=200 * 1024), 64, a100) == 0
+    e = gpu_model.estimate(CFG, 255, a100)
+    assert e["ctas"] == 2 and e["bound"] == max(e["clocks"].values()) and 0 < e["pct_mma_peak"] <= 100
+
+
+def test_write_section_replaces_only_the_generated_part(tmp_path):
+    p = tmp_path / "GPU.md"
+    p.write_text(f"# title\n\nhand text\n\n{gpu_model.BEGIN}\nold\n{gpu_model.END}\n\ntail\n")
+    gpu_model.write_section(str(p), f"{gpu_model.BEGIN}\nnew\n{gpu_model.END}")
+    text = p.read_text()
+    assert "hand text" in text and "tail" in text and "new" in text and "old" not in text
+
+
+@pytest.mark.skipif(not _ext.HAS_EMU, reason=f"reads the tile configs from pyllm._C_emu ({_ext.C_EMU_ERROR})")
+def test_configs_come_from_the_kernel_and_fit_the_targets():
+    cfgs = {c["head_dim"]: c for c in gpu_model.configs()}
+    assert sorted(cfgs) == [32, 64, 96, 128, 160, 192, 256]
+    assert cfgs[128]["smem"] <= 99 * 1024, "issue 11's target: <= 99 KiB of shared memory at head dim 128"
+    for d, c in cfgs.items():
+        assert c["smem"] <= 163 * 1024, f"head dim {d} does not fit an A100 CTA"
+        # conflict-free layout: a multiple of 8 chunks with the XOR swizzle, else an odd pitch
+        assert (c["xor"] and c["pitch"] % 8 == 0) or (not c["xor"] and c["pitch"] % 2 == 1)
+    rendered = gpu_model.render(gpu_model.parse_ptxas(PTXAS), 1.0)
+    assert rendered.startswith(gpu_model.BEGIN) and rendered.endswith(gpu_model.END)
+    assert f"| 64 | {gpu_model.tile_work(cfgs[64])['mma']} |" in rendered  # the per-tile table, every head dim
+
+
+@pytest.mark.skipif(not _ext.HAS_C, reason=f"times pyllm's native attention ({_ext.C_ERROR})")
+def test_attn_bench_runs_on_cpu():
+    rows = attn_bench.run("cpu", quick=True, dtypes=("float32",), reps=1)
+    assert {r["kind"] for r in rows} == {"prefill", "decode"}
+    assert all(r["ours_tflops"] > 0 and r["sdpa_tflops"] > 0 for r in rows)
+    text = attn_bench.render(rows)
+    assert text.count("\n| float32 |") == len(rows)
+    assert attn_bench.flops(1, 2, 8, 8, 4, causal=True) == 4 * 2 * 8 * 8 * 4 / 2
+    assert attn_bench.peak_for("NVIDIA H200") == 989.0 and attn_bench.peak_for("cpu") is None
