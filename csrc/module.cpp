@@ -6,6 +6,7 @@
 #include "emu.h"
 namespace pyllm::emu {
 std::vector<std::vector<int64_t>> attention_tc_configs();  // csrc/cuda/attention_tc.cu
+int attention_tc_last_splits();
 }
 #endif
 
@@ -38,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_tc_configs", &pyllm::emu::attention_tc_configs,
         "per head-dim instantiation of the tensor-core attention forward: [head_dim, block_m, block_n, threads, "
         "smem_bytes, q_in_regs, smem_pitch_chunks, xor_swizzle]");
+  m.def("attention_tc_last_splits", &pyllm::emu::attention_tc_last_splits,
+        "key splits (flash-decoding CTAs per query tile) of the last tensor-core attention forward");
 #else
   m.attr("namespace") = "pyllm";
   m.attr("backend") = "native";

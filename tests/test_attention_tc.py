@@ -255,6 +255,53 @@ def test_decode_over_kv_cache(lq, lk):
     check(q, k, v, causal=True, alignment="bottom_right", what=f"decode lq={lq} lk={lk}")
 
 
+def test_decode_splits_the_keys():
+    # q_len 1 over 1000 keys, 8 query heads: 8 CTAs, far from filling a GPU -> split-KV.
+    gen = torch.Generator().manual_seed(11)
+    q = rnd((1, 8, 1, 128), torch.float16, gen)
+    k, v = rnd((1, 2, 1000, 128), torch.float16, gen), rnd((1, 2, 1000, 128), torch.float16, gen)
+    check(q, k, v, causal=True, alignment="bottom_right", what="decode split")
+    assert emu().attention_tc_last_splits() > 1
+    # enough CTAs to fill the (modelled) GPU, 2 per SM of an H100 = 264: not split
+    q = rnd((33, 8, 64, 32), torch.bfloat16, gen)
+    k, v = rnd((33, 8, 512, 32), torch.bfloat16, gen), rnd((33, 8, 512, 32), torch.bfloat16, gen)
+    check(q, k, v, what="many CTAs")
+    assert emu().attention_tc_last_splits() == 1
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_kv_every_feature(splits, monkeypatch):
+    """Forced key splits (PYLLM_ATTENTION_SPLITS) on the cases that stress the combine step:
+    padding that leaves some splits or rows empty, fully masked rows, additive masks, causal
+    bottom-right, windows, GQA, NaN rows, non-finite V at hidden keys, dropout."""
+    monkeypatch.setenv("PYLLM_ATTENTION_SPLITS", str(splits))
+    gen = torch.Generator().manual_seed(splits)
+    b, h, lq, lk = 2, 4, 9, 300
+    q = rnd((b, h, lq, 64), torch.bfloat16, gen)
+    k, v = rnd((b, 2, lk, 64), torch.bfloat16, gen), rnd((b, 2, lk, 64), torch.bfloat16, gen)
+    ms = masks(b, h, lq, lk, torch.bfloat16, gen)
+    for kind in ("bool_pad", "bool_dead_rows", "t5_bias_pad"):
+        check(q, k, v, mask=ms[kind], causal=True, alignment="bottom_right", what=f"{kind} split {splits}")
+        assert emu().attention_tc_last_splits() == min(splits, math.ceil(lk / 64))  # at most one per key tile
+    check(q, k, v, window=(40, 3), alignment="bottom_right", what=f"window split {splits}")
+    qn = q.clone()
+    qn[1, 2, 4, 0] = math.nan
+    out, lse = run_tc(qn, k, v)
+    assert torch.isnan(out[1, 2, 4]).all() and torch.isnan(lse[1, 2, 4]) and torch.isfinite(out[0]).all()
+    vn = v.clone()
+    vn[:, :, 250, :] = math.inf
+    pad = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    pad[..., 200:] = False
+    out, _ = run_tc(q, k, vn, pad)
+    ref, _, base = oracle(q, k, v, pad, False, "top_left", None, 64 ** -0.5)
+    assert_close_to_ref(out, ref, base, name=f"inf V at hidden keys, split {splits}")
+    # dropout: the same elements dropped as without splits
+    o1, _ = run_tc(q, k, v, None, 0.125, False, False, (-1, -1), 0.2, 77)
+    monkeypatch.setenv("PYLLM_ATTENTION_SPLITS", "1")
+    o2, _ = run_tc(q, k, v, None, 0.125, False, False, (-1, -1), 0.2, 77)
+    assert (o1.float() - o2.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * o2.float().abs().max()
+
+
 # ------------------------------------------------------------------------- dispatch
 def test_dispatch_and_simt_switch(monkeypatch):
     gen = torch.Generator().manual_seed(1)

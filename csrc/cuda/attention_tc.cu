@@ -33,6 +33,7 @@
 #include "attention_tc.cuh"
 #include "../include/pyllm/tensor_core.cuh"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -69,6 +70,14 @@ struct TcParams {
   uint32_t drop_threshold;
   float drop_scale;
   uint64_t seed;
+  // Split-KV (flash-decoding): CTA s of a query tile covers key tiles [s * split_tiles,
+  // (s + 1) * split_tiles) and writes its normalised fp32 output and lse to part_o / part_lse
+  // ([nsplit, B * Hq * Lq, Dv] / [nsplit, B * Hq * Lq]); attn_tc_combine_kernel merges them.
+  int nsplit;
+  int split_tiles;
+  float* part_o;                // null when nsplit == 1
+  float* part_lse;
+  int64_t rows;                 // B * Hq * Lq
 };
 
 // Tile shapes and the shared-memory layout of one head-dim instantiation.
@@ -171,8 +180,10 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
   constexpr int kKS = kD / 16;  // k-steps of Q K^T
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int64_t nmt = (p.Lq + kBlockM - 1) / kBlockM;
-  const int64_t bh = (int64_t)blockIdx.x / nmt;
-  const int64_t mt = nmt - 1 - (int64_t)blockIdx.x % nmt;  // last query tiles (most keys if causal) first
+  const int split = (int)((int64_t)blockIdx.x % p.nsplit);
+  const int64_t cta = (int64_t)blockIdx.x / p.nsplit;
+  const int64_t bh = cta / nmt;
+  const int64_t mt = nmt - 1 - cta % nmt;  // last query tiles (most keys if causal) first
   const int64_t b = bh / p.Hq, h = bh % p.Hq, kvh = h / p.group;
   const int64_t i0 = mt * kBlockM;
   const int64_t ilast = (i0 + kBlockM < p.Lq ? i0 + kBlockM : p.Lq) - 1;
@@ -201,12 +212,15 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
   const int64_t klo = p.g.lo(i0);
   int64_t khi = p.g.hi(ilast);
   if (khi < klo) khi = klo;
-  const int ntiles = (int)((khi - klo + kN - 1) / kN);
+  const int ntiles_all = (int)((khi - klo + kN - 1) / kN);
+  const int t_begin = split * p.split_tiles;  // this CTA's key tiles: [t_begin, ntiles)
+  const int ntiles = t_begin + p.split_tiles < ntiles_all ? t_begin + p.split_tiles : ntiles_all;
 
   // Prologue: Q, then the first K tile.
   load_tile<kD, kBlockM>(sq, qb, p.qs[2], i0, p.Lq, p.d8);
   tc::cp_async_commit();
-  if (ntiles > 0) load_tile<kD, kN>(sk, kb, p.ks[2], klo, khi, p.d8);
+  if (t_begin < ntiles) load_tile<kD, kN>(sk + (t_begin & 1) * 16 * Tile::kKVChunks, kb, p.ks[2],
+                                         klo + (int64_t)t_begin * kN, khi, p.d8);
   tc::cp_async_commit();
 
   float o[kOT][4];
@@ -222,7 +236,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
   const TcLane<kD> vlane(lr, lm / 2);   // V (B operand, .trans): (keys +0/+8) x (chunk +0/+1)
   const int qrow = 2 * warp + lm % 2, krow = lm / 2, vrow = lm % 2;  // 8-row block of this lane
 
-  for (int t = 0; t < ntiles; ++t) {
+  for (int t = t_begin; t < ntiles; ++t) {
     const int64_t k0 = klo + (int64_t)t * kN;
     unsigned char* skt = sk + (t & 1) * 16 * Tile::kKVChunks;
     unsigned char* svt = sv + (t & 1) * 16 * Tile::kKVChunks;
@@ -232,7 +246,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
     __syncthreads();
 
     if constexpr (Tile::kQInRegs) {
-      if (t == 0) {
+      if (t == t_begin) {
 #pragma unroll
         for (int kk = 0; kk < kKS; ++kk)
           tc::ldmatrix_x4(qf[kk], sq + qlane.at(qrow, kk));
@@ -410,7 +424,22 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
     l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
     const bool seen = l[r] > 0.f || l[r] != l[r];  // something visible (or a NaN score)
     inv[r] = seen ? 1.f / l[r] : 0.f;
-    if (lane % 4 == 0 && ri[r] < p.Lq) p.lse[rid[r]] = seen ? m[r] * kLn2 + logf(l[r]) : -INFINITY;
+    const float lse = seen ? m[r] * kLn2 + logf(l[r]) : -INFINITY;
+    if (lane % 4 == 0 && ri[r] < p.Lq) (p.part_o ? p.part_lse + split * p.rows : p.lse)[rid[r]] = lse;
+  }
+  if (p.part_o != nullptr) {  // split-KV: this split's normalised rows, fp32, for the combine kernel
+    float* po = p.part_o + split * p.rows * p.Dv;
+#pragma unroll
+    for (int n = 0; n < kOT; ++n) {
+      const int col = n * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (ri[r] >= p.Lq) continue;
+        if (col < p.Dv) po[rid[r] * p.Dv + col] = o[n][2 * r] * inv[r];
+        if (col + 1 < p.Dv) po[rid[r] * p.Dv + col + 1] = o[n][2 * r + 1] * inv[r];
+      }
+    }
+    return;  // uniform across the CTA: no barrier follows on this path
   }
   __syncthreads();  // every warp is done with Q/K/V shared memory
 #pragma unroll
@@ -445,6 +474,45 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
   }
 }
 
+// Merges the splits of each row: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
+// One warp per row. A split that saw nothing has lse_s = -inf and weight 0 (skipped, so an Inf
+// in its zeros cannot make a NaN); a NaN lse_s (a NaN score) makes the row NaN, as unsplit.
+template <typename T>
+__global__ void attn_tc_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                                       T* __restrict__ out, float* __restrict__ lse, int nsplit, int64_t rows,
+                                       int64_t Dv) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+  if (row >= rows) return;  // whole warps only; no barrier in this kernel
+  float mx = -INFINITY;
+  bool nan = false;
+  for (int s = 0; s < nsplit; ++s) {
+    const float v = part_lse[s * rows + row];
+    nan |= v != v;
+    mx = fmaxf(mx, v);
+  }
+  float total = 0.f;
+  for (int s = 0; s < nsplit; ++s) {
+    const float v = part_lse[s * rows + row];
+    if (mx != -INFINITY && v != -INFINITY) total += expf(v - mx);
+  }
+  const bool dead = mx == -INFINITY && !nan;
+  for (int64_t d = lane; d < Dv; d += kWarpSize) {
+    float acc = 0.f;
+    if (nan) {
+      acc = NAN;
+    } else if (!dead) {
+      for (int s = 0; s < nsplit; ++s) {
+        const float v = part_lse[s * rows + row];
+        const float w = v == -INFINITY ? 0.f : expf(v - mx) / total;
+        if (w != 0.f) acc += w * part_o[(s * rows + row) * Dv + d];
+      }
+    }
+    out[row * Dv + d] = store_float<T>(acc);
+  }
+  if (lane == 0) lse[row] = nan ? NAN : (dead ? -INFINITY : mx + logf(total));
+}
+
 // ------------------------------------------------------------------------------ host
 // A view the kernel can read with 16-byte cp.async: last dim contiguous and a multiple of 8
 // (zero-padded copy otherwise), 16-byte aligned start and row/head/batch strides.
@@ -456,11 +524,53 @@ at::Tensor tc_operand(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);  // a fresh allocation is aligned
 }
 
+// CTAs that keep every SM busy: two per SM (the occupancy of the common head dims).
+int target_ctas() {
+#if defined(PYLLM_EMULATED)
+  return 2 * 132;  // as on an H100: the emulated kernels split exactly as they would there
+#else
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
+                                                 cudaSuccess)
+    sms = 108;
+  return 2 * sms;
+#endif
+}
+
+// Key splits per query tile: enough CTAs to fill the GPU when B * Hq * query tiles cannot (decode,
+// short prompts over a long cache), each split at least 2 key tiles, at most 32 splits.
+// PYLLM_ATTENTION_SPLITS=n forces n (tests, tuning).
+int choose_splits(int64_t ctas, int64_t key_tiles) {
+  if (const char* env = std::getenv("PYLLM_ATTENTION_SPLITS")) {
+    const long n = std::strtol(env, nullptr, 10);
+    TORCH_CHECK(n >= 1 && n <= 1024, "pyllm: PYLLM_ATTENTION_SPLITS must be in [1, 1024], got '", env, "'");
+    return (int)std::min<int64_t>(n, std::max<int64_t>(key_tiles, 1));
+  }
+  const int64_t target = target_ctas();
+  if (ctas >= target || key_tiles < 4) return 1;
+  const int64_t want = (target + ctas - 1) / ctas;
+  return (int)std::max<int64_t>(1, std::min<int64_t>({want, key_tiles / 2, 32}));
+}
+
+std::atomic<int> g_last_splits{0};  // for tests: the split count of the last launch
+
 template <typename T, int kD>
-void launch_tc(const TcParams& p, int64_t B) {
+void launch_tc(TcParams p, int64_t B, T* out, float* lse, const at::TensorOptions& fopt) {
   using Tile = TcTile<kD>;
   auto kern = attn_tc_fwd_kernel<T, kD>;
-  const int64_t blocks = B * p.Hq * ((p.Lq + kBlockM - 1) / kBlockM);
+  const int64_t ctas = B * p.Hq * ((p.Lq + kBlockM - 1) / kBlockM);
+  const int64_t key_tiles = (p.Lk + Tile::kN - 1) / Tile::kN;
+  p.nsplit = choose_splits(ctas, key_tiles);
+  p.split_tiles = (int)((key_tiles + p.nsplit - 1) / p.nsplit);
+  g_last_splits.store(p.nsplit);
+  p.rows = B * p.Hq * p.Lq;
+  at::Tensor part;
+  if (p.nsplit > 1) {
+    part = at::empty({p.nsplit * p.rows * (p.Dv + 1)}, fopt);  // fp32 workspace: partial outputs, then lse
+    p.part_o = part.data_ptr<float>();
+    p.part_lse = p.part_o + p.nsplit * p.rows * p.Dv;
+  }
+  const int64_t blocks = ctas * p.nsplit;
   TORCH_CHECK(blocks <= 0x7fffffff, "pyllm: attention grid too large (", blocks, " CTAs)");
   if (Tile::kSmemBytes > 48 * 1024) {  // dynamic shared memory above 48 KiB is opt-in per kernel
     const cudaError_t err =
@@ -469,18 +579,24 @@ void launch_tc(const TcParams& p, int64_t B) {
                 ") failed: ", cudaGetErrorString(err));
   }
   PYLLM_LAUNCH(kern, (unsigned)blocks, kTcThreads, Tile::kSmemBytes, PYLLM_STREAM(), p);
+  if (p.nsplit > 1) {
+    constexpr int kRowsPerBlock = 4;
+    auto comb = attn_tc_combine_kernel<T>;
+    PYLLM_LAUNCH(comb, (unsigned)((p.rows + kRowsPerBlock - 1) / kRowsPerBlock), kRowsPerBlock * kWarpSize, 0,
+                 PYLLM_STREAM(), p.part_o, p.part_lse, out, lse, p.nsplit, p.rows, p.Dv);
+  }
 }
 
 template <typename T>
-void dispatch_head_dim(int kd, const TcParams& p, int64_t B) {
+void dispatch_head_dim(int kd, const TcParams& p, int64_t B, T* out, float* lse, const at::TensorOptions& f) {
   switch (kd) {
-    case 32: return launch_tc<T, 32>(p, B);
-    case 64: return launch_tc<T, 64>(p, B);
-    case 96: return launch_tc<T, 96>(p, B);
-    case 128: return launch_tc<T, 128>(p, B);
-    case 160: return launch_tc<T, 160>(p, B);
-    case 192: return launch_tc<T, 192>(p, B);
-    case 256: return launch_tc<T, 256>(p, B);
+    case 32: return launch_tc<T, 32>(p, B, out, lse, f);
+    case 64: return launch_tc<T, 64>(p, B, out, lse, f);
+    case 96: return launch_tc<T, 96>(p, B, out, lse, f);
+    case 128: return launch_tc<T, 128>(p, B, out, lse, f);
+    case 160: return launch_tc<T, 160>(p, B, out, lse, f);
+    case 192: return launch_tc<T, 192>(p, B, out, lse, f);
+    case 256: return launch_tc<T, 256>(p, B, out, lse, f);
     default: TORCH_CHECK(false, "pyllm: no tensor-core attention instantiation for head dim ", kd);
   }
 }
@@ -493,6 +609,8 @@ void add_config(std::vector<std::vector<int64_t>>& out) {
 }
 
 }  // namespace
+
+int attention_tc_last_splits() { return g_last_splits.load(); }
 
 std::vector<std::vector<int64_t>> attention_tc_configs() {
   std::vector<std::vector<int64_t>> out;
@@ -555,8 +673,12 @@ void attention_tc_forward(const at::Tensor& query, const at::Tensor& key, const 
   p.drop_scale = a.drop_scale;
   p.seed = a.seed;
   const int kd = attention_tc_head_dim(query.size(3), value.size(3));
-  if (q.scalar_type() == at::kHalf) dispatch_head_dim<__half>(kd, p, B);
-  else dispatch_head_dim<__nv_bfloat16>(kd, p, B);
+  p.nsplit = 1;
+  if (q.scalar_type() == at::kHalf)
+    dispatch_head_dim<__half>(kd, p, B, reinterpret_cast<__half*>(out.data_ptr()), p.lse, lse.options());
+  else
+    dispatch_head_dim<__nv_bfloat16>(kd, p, B, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), p.lse,
+                                     lse.options());
 }
 
 }  // namespace PYLLM_CUDA_NS

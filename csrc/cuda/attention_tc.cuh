@@ -40,6 +40,9 @@ int attention_tc_head_dim(int64_t d, int64_t dv);
 // swizzle}: the facts the performance model (python -m pyllm gpu-model) starts from.
 std::vector<std::vector<int64_t>> attention_tc_configs();
 
+// Key splits (flash-decoding) of the last attention_tc_forward launch (tests read it).
+int attention_tc_last_splits();
+
 // Writes out [B, Hq, Lq, Dv] (q's dtype, contiguous) and lse [B, Hq, Lq] (fp32).
 void attention_tc_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const TcAttnArgs& a,
                           at::Tensor& out, at::Tensor& lse);
