@@ -78,7 +78,24 @@ struct TcParams {
   float* part_o;                // null when nsplit == 1
   float* part_lse;
   int64_t rows;                 // B * Hq * Lq
+  // GQA packing (Lq < 64: decode, short prompts): a CTA's rows are (query head of the kv group,
+  // query) pairs, row r of the kv head's group*Lq -> head kvh*group + r/Lq, query r%Lq, so one
+  // CTA serves the whole group from one read of K/V and its 64 rows are not mostly padding.
+  bool pack;
+  int64_t Hkv;
 };
+
+// Query head and query index of row pr of a CTA's row space; false past its end.
+__device__ __forceinline__ bool tc_row(const TcParams& p, int64_t hx, int64_t pr, int64_t& h, int64_t& i) {
+  if (p.pack) {
+    h = hx * p.group + pr / p.Lq;
+    i = pr % p.Lq;
+    return pr < p.group * p.Lq;
+  }
+  h = hx;
+  i = pr;
+  return pr < p.Lq;
+}
 
 // Tile shapes and the shared-memory layout of one head-dim instantiation.
 template <int kD>
@@ -179,34 +196,48 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
   constexpr int kOT = kD / 8;   // O n-tiles
   constexpr int kKS = kD / 16;  // k-steps of Q K^T
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
-  const int64_t nmt = (p.Lq + kBlockM - 1) / kBlockM;
+  const int64_t nrows = p.pack ? p.group * p.Lq : p.Lq;  // the row space of one CTA "head" hx
+  const int64_t heads = p.pack ? p.Hkv : p.Hq;
+  const int64_t nmt = (nrows + kBlockM - 1) / kBlockM;
   const int split = (int)((int64_t)blockIdx.x % p.nsplit);
   const int64_t cta = (int64_t)blockIdx.x / p.nsplit;
   const int64_t bh = cta / nmt;
   const int64_t mt = nmt - 1 - cta % nmt;  // last query tiles (most keys if causal) first
-  const int64_t b = bh / p.Hq, h = bh % p.Hq, kvh = h / p.group;
-  const int64_t i0 = mt * kBlockM;
-  const int64_t ilast = (i0 + kBlockM < p.Lq ? i0 + kBlockM : p.Lq) - 1;
+  const int64_t b = bh / heads, hx = bh % heads, kvh = p.pack ? hx : hx / p.group;
+  const int64_t pr0 = mt * kBlockM, pr1 = (pr0 + kBlockM < nrows ? pr0 + kBlockM : nrows) - 1;
+  // Smallest and largest query index among the CTA's rows (the key range and full-tile test).
+  int64_t i0 = pr0, ilast = pr1;
+  if (p.pack) {
+    const bool one_head = pr0 / p.Lq == pr1 / p.Lq;
+    i0 = one_head ? pr0 % p.Lq : 0;
+    ilast = one_head ? pr1 % p.Lq : p.Lq - 1;
+  }
 
   unsigned char* sq = pyllm_dynamic_smem<unsigned char>();
   unsigned char* sk = sq + 16 * Tile::kQChunks;
   unsigned char* sv = sk + 2 * 16 * Tile::kKVChunks;
-  const T* qb = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
   const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + kvh * p.ks[1];
   const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + kvh * p.vs[1];
 
   // The two rows of this lane: lane/4 and lane/4 + 8 of the warp's 16.
   int64_t ri[2], rlo[2], rhi[2], rid[2], moff[2];
+  bool rvalid[2];
+  float slope[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    ri[r] = i0 + warp * 16 + lane / 4 + 8 * r;
-    const bool valid = ri[r] < p.Lq;
+    int64_t h;
+    rvalid[r] = tc_row(p, hx, pr0 + warp * 16 + lane / 4 + 8 * r, h, ri[r]);
+    const bool valid = rvalid[r];
+    if (!valid) {  // past the end: any in-range row, never written
+      h = kvh * p.group;
+      ri[r] = 0;
+    }
     rlo[r] = valid ? p.g.lo(ri[r]) : 0;
     rhi[r] = valid ? p.g.hi(ri[r]) : 0;  // invalid rows see nothing
-    rid[r] = (b * p.Hq + h) * p.Lq + (valid ? ri[r] : 0);
+    rid[r] = (b * p.Hq + h) * p.Lq + ri[r];
     moff[r] = p.mask_kind != kMaskNone ? p.mi.offset(rid[r]) : 0;
+    slope[r] = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
   }
-  const float slope = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
   const bool elementwise = p.mask_kind != kMaskNone || p.alibi != nullptr;
 
   const int64_t klo = p.g.lo(i0);
@@ -217,7 +248,19 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
   const int ntiles = t_begin + p.split_tiles < ntiles_all ? t_begin + p.split_tiles : ntiles_all;
 
   // Prologue: Q, then the first K tile.
-  load_tile<kD, kBlockM>(sq, qb, p.qs[2], i0, p.Lq, p.d8);
+  {
+    constexpr int kPer = kBlockM * Tile::kChunks / kTcThreads;
+    const T* qbase = static_cast<const T*>(p.q) + b * p.qs[0];
+#pragma unroll
+    for (int n = 0; n < kPer; ++n) {  // Q rows: each its own (head, query) in packed mode
+      const int idx = tid + n * kTcThreads;
+      const int r = idx / Tile::kChunks, c = idx % Tile::kChunks;
+      int64_t h, i;
+      const bool ok = tc_row(p, hx, pr0 + r, h, i) && c * 8 < p.d8;
+      const T* src = ok ? qbase + h * p.qs[1] + i * p.qs[2] + c * 8 : qbase;
+      tc::cp_async_cg16(sq + Tile::off(r, c), src, ok ? 16 : 0);
+    }
+  }
   tc::cp_async_commit();
   if (t_begin < ntiles) load_tile<kD, kN>(sk + (t_begin & 1) * 16 * Tile::kKVChunks, kb, p.ks[2],
                                          klo + (int64_t)t_begin * kN, khi, p.d8);
@@ -306,7 +349,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
             const int64_t j = k0 + jt;
             if (p.alibi) {
               const int64_t pos = ri[r] + p.g.shift;
-              x -= slope * (float)(pos > j ? pos - j : j - pos);
+              x -= slope[r] * (float)(pos > j ? pos - j : j - pos);
             }
             if (p.mask_kind == kMaskBool) {
               if (!static_cast<const bool*>(p.mask)[moff[r] + j * p.mi.col_stride]) x = -INFINITY;
@@ -425,7 +468,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
     const bool seen = l[r] > 0.f || l[r] != l[r];  // something visible (or a NaN score)
     inv[r] = seen ? 1.f / l[r] : 0.f;
     const float lse = seen ? m[r] * kLn2 + logf(l[r]) : -INFINITY;
-    if (lane % 4 == 0 && ri[r] < p.Lq) (p.part_o ? p.part_lse + split * p.rows : p.lse)[rid[r]] = lse;
+    if (lane % 4 == 0 && rvalid[r]) (p.part_o ? p.part_lse + split * p.rows : p.lse)[rid[r]] = lse;
   }
   if (p.part_o != nullptr) {  // split-KV: this split's normalised rows, fp32, for the combine kernel
     float* po = p.part_o + split * p.rows * p.Dv;
@@ -434,7 +477,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
       const int col = n * 8 + 2 * (lane % 4);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        if (ri[r] >= p.Lq) continue;
+        if (!rvalid[r]) continue;
         if (col < p.Dv) po[rid[r] * p.Dv + col] = o[n][2 * r] * inv[r];
         if (col + 1 < p.Dv) po[rid[r] * p.Dv + col + 1] = o[n][2 * r + 1] * inv[r];
       }
@@ -451,15 +494,15 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
     }
   }
   __syncthreads();
-  T* ob = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Lq + i0) * p.Dv;
   const bool vec = p.Dv % 8 == 0;
 #pragma unroll
   for (int n = 0; n < kBlockM * Tile::kChunks / kTcThreads; ++n) {
     const int idx = tid + n * kTcThreads;
     const int r = idx / Tile::kChunks, c = idx % Tile::kChunks;
-    if (i0 + r >= p.Lq || c * 8 >= p.Dv) continue;
+    int64_t h, i;
+    if (!tc_row(p, hx, pr0 + r, h, i) || c * 8 >= p.Dv) continue;
     const unsigned char* src = sq + Tile::off(r, c);
-    T* dst = ob + (int64_t)r * p.Dv + c * 8;
+    T* dst = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Lq + i) * p.Dv + c * 8;
     if (vec) {
       const uint32_t* w = reinterpret_cast<const uint32_t*>(src);
       uint32_t* d = reinterpret_cast<uint32_t*>(dst);
@@ -558,7 +601,8 @@ template <typename T, int kD>
 void launch_tc(TcParams p, int64_t B, T* out, float* lse, const at::TensorOptions& fopt) {
   using Tile = TcTile<kD>;
   auto kern = attn_tc_fwd_kernel<T, kD>;
-  const int64_t ctas = B * p.Hq * ((p.Lq + kBlockM - 1) / kBlockM);
+  const int64_t ctas = p.pack ? B * p.Hkv * ((p.group * p.Lq + kBlockM - 1) / kBlockM)
+                             : B * p.Hq * ((p.Lq + kBlockM - 1) / kBlockM);
   const int64_t key_tiles = (p.Lk + Tile::kN - 1) / Tile::kN;
   p.nsplit = choose_splits(ctas, key_tiles);
   p.split_tiles = (int)((key_tiles + p.nsplit - 1) / p.nsplit);
@@ -674,6 +718,8 @@ void attention_tc_forward(const at::Tensor& query, const at::Tensor& key, const 
   p.seed = a.seed;
   const int kd = attention_tc_head_dim(query.size(3), value.size(3));
   p.nsplit = 1;
+  p.Hkv = k.size(1);
+  p.pack = p.Lq < kBlockM;  // decode and short prompts: the kv group's query heads share CTAs
   if (q.scalar_type() == at::kHalf)
     dispatch_head_dim<__half>(kd, p, B, reinterpret_cast<__half*>(out.data_ptr()), p.lse, lse.options());
   else
