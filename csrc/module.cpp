@@ -7,6 +7,7 @@
 namespace pyllm::emu {
 std::vector<std::vector<int64_t>> attention_tc_configs();  // csrc/cuda/attention_tc.cu
 int attention_tc_last_splits();
+int64_t attention_tc_last_ctas();
 }
 #endif
 
@@ -41,6 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "smem_bytes, q_in_regs, smem_pitch_chunks, xor_swizzle]");
   m.def("attention_tc_last_splits", &pyllm::emu::attention_tc_last_splits,
         "key splits (flash-decoding CTAs per query tile) of the last tensor-core attention forward");
+  m.def("attention_tc_last_ctas", &pyllm::emu::attention_tc_last_ctas,
+        "CTAs per key split of the last tensor-core attention forward (batch x heads x query tiles)");
 #else
   m.attr("namespace") = "pyllm";
   m.attr("backend") = "native";

@@ -262,11 +262,13 @@ def test_decode_splits_the_keys():
     k, v = rnd((1, 2, 1000, 128), torch.float16, gen), rnd((1, 2, 1000, 128), torch.float16, gen)
     check(q, k, v, causal=True, alignment="bottom_right", what="decode split")
     assert emu().attention_tc_last_splits() > 1
+    # GQA packing: the 4 query heads of each kv head share one CTA (2 kv heads -> 2 CTAs per split)
+    assert emu().attention_tc_last_ctas() == 2
     # enough CTAs to fill the (modelled) GPU, 2 per SM of an H100 = 264: not split
     q = rnd((33, 8, 64, 32), torch.bfloat16, gen)
     k, v = rnd((33, 8, 512, 32), torch.bfloat16, gen), rnd((33, 8, 512, 32), torch.bfloat16, gen)
     check(q, k, v, what="many CTAs")
-    assert emu().attention_tc_last_splits() == 1
+    assert emu().attention_tc_last_splits() == 1 and emu().attention_tc_last_ctas() == 33 * 8
 
 
 @pytest.mark.parametrize("splits", [2, 3, 7])

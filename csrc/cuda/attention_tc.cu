@@ -595,7 +595,8 @@ int choose_splits(int64_t ctas, int64_t key_tiles) {
   return (int)std::max<int64_t>(1, std::min<int64_t>({want, key_tiles / 2, 32}));
 }
 
-std::atomic<int> g_last_splits{0};  // for tests: the split count of the last launch
+std::atomic<int> g_last_splits{0};      // for tests: the split count of the last launch
+std::atomic<int64_t> g_last_ctas{0};    // and its CTAs per split (query tiles x heads x batch)
 
 template <typename T, int kD>
 void launch_tc(TcParams p, int64_t B, T* out, float* lse, const at::TensorOptions& fopt) {
@@ -607,6 +608,7 @@ void launch_tc(TcParams p, int64_t B, T* out, float* lse, const at::TensorOption
   p.nsplit = choose_splits(ctas, key_tiles);
   p.split_tiles = (int)((key_tiles + p.nsplit - 1) / p.nsplit);
   g_last_splits.store(p.nsplit);
+  g_last_ctas.store(ctas);
   p.rows = B * p.Hq * p.Lq;
   at::Tensor part;
   if (p.nsplit > 1) {
@@ -655,6 +657,7 @@ void add_config(std::vector<std::vector<int64_t>>& out) {
 }  // namespace
 
 int attention_tc_last_splits() { return g_last_splits.load(); }
+int64_t attention_tc_last_ctas() { return g_last_ctas.load(); }
 
 std::vector<std::vector<int64_t>> attention_tc_configs() {
   std::vector<std::vector<int64_t>> out;

@@ -42,6 +42,8 @@ std::vector<std::vector<int64_t>> attention_tc_configs();
 
 // Key splits (flash-decoding) of the last attention_tc_forward launch (tests read it).
 int attention_tc_last_splits();
+// CTAs per key split of that launch (B x heads x query tiles; heads are kv heads when packed).
+int64_t attention_tc_last_ctas();
 
 // Writes out [B, Hq, Lq, Dv] (q's dtype, contiguous) and lse [B, Hq, Lq] (fp32).
 void attention_tc_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const TcAttnArgs& a,
