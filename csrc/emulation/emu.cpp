@@ -1269,8 +1269,10 @@ void cp_async_commit(const char* file, int line, int col) { detail::cp_async_com
 void cp_async_wait(int n, const char* file, int line, int col) { detail::cp_async_wait_impl(n, file, line, col); }
 int cp_async_pending_groups() { return detail::cp_async_pending_impl(); }
 void ldmatrix_bank_stats(std::uint64_t* phases, std::uint64_t* extra, bool reset) {
-  if (phases) *phases = reset ? detail::g_ldm_phases.exchange(0) : detail::g_ldm_phases.load();
-  if (extra) *extra = reset ? detail::g_ldm_extra.exchange(0) : detail::g_ldm_extra.load();
+  const std::uint64_t ph = reset ? detail::g_ldm_phases.exchange(0) : detail::g_ldm_phases.load();
+  const std::uint64_t ex = reset ? detail::g_ldm_extra.exchange(0) : detail::g_ldm_extra.load();
+  if (phases) *phases = ph;
+  if (extra) *extra = ex;
 }
 
 cudaError_t func_set_attribute(const void* kernel, int attr, int value) {
