@@ -29,19 +29,11 @@ constexpr int kMaxHeadDim = kMaxChunks * kWarpSize;
 
 struct NoMask {};
 
-struct AttnParams {
+struct AttnParams : AttnFeatures {  // geometry, mask indexing, ALiBi, dropout: AttnFeatures
   int64_t qs[3], ks[3], vs[3];  // element strides of dims B, H, L (last dim contiguous)
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv, group;
   int tile;                     // keys (forward/dq) or queries (dkv) per smem tile
   float scale;
-  AttnGeom g;
-  RowIndexer mi;
-  float drop_scale;
-  uint32_t drop_threshold;
-  bool dropout;
-  uint64_t seed;
-  const float* alibi;           // ALiBi slopes (fp32) [Hq] (alibi_bstride 0) or [B, Hq] (Hq); null if none
-  int64_t alibi_bstride;
 };
 
 template <typename M>
@@ -397,18 +389,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& query, const at::
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, query.options().dtype(at::kFloat));
   if (lse.numel() == 0) return {out, lse};
   if (attention_tc_eligible(query, value)) {  // fp16/bf16, head dims <= 256: tensor cores
-    TcAttnArgs a;
-    a.mask = m;
-    a.mi = p.mi;
-    a.alibi = p.alibi;
-    a.alibi_bstride = p.alibi_bstride;
-    a.g = p.g;
-    a.scale = p.scale;
-    a.dropout = p.dropout;
-    a.drop_threshold = p.drop_threshold;
-    a.drop_scale = p.drop_scale;
-    a.seed = p.seed;
-    attention_tc_forward(q, k, v, a, out, lse);
+    attention_tc_forward(q, k, v, TcAttnArgs{m, p, p.scale}, out, lse);
     return {out, lse};
   }
   const int64_t blocks = p.B * p.Hq * ((p.Lq + kWarps - 1) / kWarps);

@@ -49,7 +49,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
 
-struct TcParams {
+struct TcParams : AttnFeatures {  // geometry, mask indexing, ALiBi, dropout: AttnFeatures
   const void* q;
   const void* k;
   const void* v;
@@ -60,16 +60,8 @@ struct TcParams {
   int64_t d8, dv8;              // q/k and v head dims as stored (multiples of 8; zero-padded)
   int64_t Dv;                   // v head dim written to out
   float scale_log2;             // scale * log2(e)
-  AttnGeom g;
-  const void* mask;
+  const void* mask;             // rows at mi.offset(row), columns mi.col_stride apart
   int mask_kind;
-  RowIndexer mi;
-  const float* alibi;
-  int64_t alibi_bstride;
-  bool dropout;
-  uint32_t drop_threshold;
-  float drop_scale;
-  uint64_t seed;
   // Split-KV (flash-decoding): CTA s of a query tile covers key tiles [s * split_tiles,
   // (s + 1) * split_tiles) and writes its normalised fp32 output and lse to part_o / part_lse
   // ([nsplit, B * Hq * Lq, Dv] / [nsplit, B * Hq * Lq]); attn_tc_combine_kernel merges them.
@@ -142,13 +134,28 @@ __device__ __forceinline__ void load_tile(unsigned char* dst, const T* src, int6
                                           int64_t rows_end, int64_t d8) {
   using Tile = TcTile<kD>;
   constexpr int kPer = kRows * Tile::kChunks / kTcThreads;
+  if constexpr (kTcThreads % Tile::kChunks == 0) {
+    // Every copy of this thread is chunk c of rows r0, r0 + kStep, ...: one source pointer
+    // stepped by kStep rows, not kPer 64-bit addresses kept live across the key loop.
+    constexpr int kStep = kTcThreads / Tile::kChunks;
+    const int r0 = threadIdx.x / Tile::kChunks, c = threadIdx.x % Tile::kChunks;
+    const bool cok = c * 8 < d8;
+    const int64_t left = rows_end - row0 - r0;  // rows of this thread's column still in range
+    const T* s = src + (row0 + r0) * ld + c * 8;
 #pragma unroll
-  for (int n = 0; n < kPer; ++n) {
-    const int idx = threadIdx.x + n * kTcThreads;
-    const int r = idx / Tile::kChunks, c = idx % Tile::kChunks;
-    const bool ok = row0 + r < rows_end && c * 8 < d8;
-    const T* s = ok ? src + (row0 + r) * ld + c * 8 : src;
-    tc::cp_async_cg16(dst + Tile::off(r, c), s, ok ? 16 : 0);
+    for (int n = 0; n < kPer; ++n, s += kStep * ld) {
+      const bool ok = cok && n * kStep < left;
+      tc::cp_async_cg16(dst + Tile::off(r0 + n * kStep, c), ok ? s : src, ok ? 16 : 0);
+    }
+  } else {  // 20 or 24 chunks per row (head dims 160, 192): each copy its own row and chunk
+#pragma unroll
+    for (int n = 0; n < kPer; ++n) {
+      const int idx = threadIdx.x + n * kTcThreads;
+      const int r = idx / Tile::kChunks, c = idx % Tile::kChunks;
+      const bool ok = row0 + r < rows_end && c * 8 < d8;
+      const T* s = ok ? src + (row0 + r) * ld + c * 8 : src;
+      tc::cp_async_cg16(dst + Tile::off(r, c), s, ok ? 16 : 0);
+    }
   }
 }
 
@@ -159,10 +166,18 @@ __device__ __forceinline__ bool tile_has_nonfinite(const unsigned char* tile) {
   constexpr uint32_t e = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;  // exponent bits
   constexpr int kPer = kRows * Tile::kChunks / kTcThreads;
   bool bad = false;
-#pragma unroll
+#pragma unroll 1  // rolled: 4 words in flight, not 4 * kPer registers next to the O accumulator
   for (int n = 0; n < kPer; ++n) {
-    const int idx = threadIdx.x + n * kTcThreads;
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(tile + Tile::off(idx / Tile::kChunks, idx % Tile::kChunks));
+    int r, c;  // the chunks load_tile gave this thread
+    if constexpr (kTcThreads % Tile::kChunks == 0) {
+      r = threadIdx.x / Tile::kChunks + n * (kTcThreads / Tile::kChunks);
+      c = threadIdx.x % Tile::kChunks;
+    } else {
+      const int idx = threadIdx.x + n * kTcThreads;
+      r = idx / Tile::kChunks;
+      c = idx % Tile::kChunks;
+    }
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(tile + Tile::off(r, c));
 #pragma unroll
     for (int x = 0; x < 4; ++x) bad |= ((w[x] & e) == e) || (((w[x] >> 16) & e) == e);
   }
@@ -176,11 +191,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   else
     return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
            ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
-}
-
-template <typename T>
-__device__ __forceinline__ float round_to(float x) {
-  return load_float(store_float<T>(x));
 }
 
 template <typename T>
@@ -220,20 +230,24 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
   const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + kvh * p.vs[1];
 
   // The two rows of this lane: lane/4 and lane/4 + 8 of the warp's 16.
-  int64_t ri[2], rlo[2], rhi[2], rid[2], moff[2];
+  // Row and key indices fit 32 bits (attention_tc_eligible); 64-bit only where products need it.
+  int ri[2], rlo[2], rhi[2];
+  int64_t rid[2], moff[2];
   bool rvalid[2];
   float slope[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     int64_t h;
-    rvalid[r] = tc_row(p, hx, pr0 + warp * 16 + lane / 4 + 8 * r, h, ri[r]);
+    int64_t i;
+    rvalid[r] = tc_row(p, hx, pr0 + warp * 16 + lane / 4 + 8 * r, h, i);
     const bool valid = rvalid[r];
     if (!valid) {  // past the end: any in-range row, never written
       h = kvh * p.group;
-      ri[r] = 0;
+      i = 0;
     }
-    rlo[r] = valid ? p.g.lo(ri[r]) : 0;
-    rhi[r] = valid ? p.g.hi(ri[r]) : 0;  // invalid rows see nothing
+    ri[r] = (int)i;
+    rlo[r] = valid ? (int)p.g.lo(i) : 0;
+    rhi[r] = valid ? (int)p.g.hi(i) : 0;  // invalid rows see nothing
     rid[r] = (b * p.Hq + h) * p.Lq + ri[r];
     moff[r] = p.mask_kind != kMaskNone ? p.mi.offset(rid[r]) : 0;
     slope[r] = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
@@ -348,7 +362,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
           } else {
             const int64_t j = k0 + jt;
             if (p.alibi) {
-              const int64_t pos = ri[r] + p.g.shift;
+              const int64_t pos = (int64_t)ri[r] + p.g.shift;
               x -= slope[r] * (float)(pos > j ? pos - j : j - pos);
             }
             if (p.mask_kind == kMaskBool) {
@@ -386,8 +400,19 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
                     ? p.drop_scale
                     : 0.f;
         }
-        s[n][e] = round_to<T>(pr);  // exactly the value the PV product uses
+        s[n][e] = pr;
       }
+    }
+    // P rounded to T in the A-fragment layout of the PV product: the C fragments of n-tiles
+    // 2kk, 2kk+1 are the A fragment of k-step kk. Packed before the barrier below so that
+    // only these kN / 4 words, not the kN / 2 fp32 scores, stay live across it.
+    uint32_t pa[kN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + ls[r];
@@ -403,12 +428,10 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
     const bool nonfinite = __syncthreads_or(tile_has_nonfinite<kD, kN, T>(svt)) != 0;
 
     if (!nonfinite) {
-      // O += P V: P's C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+      // O += P V on tensor cores.
 #pragma unroll
       for (int kk = 0; kk < kN / 16; ++kk) {
-        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        const uint32_t(&a)[4] = pa[kk];
 #pragma unroll
         for (int dp = 0; dp < kOT / 2; ++dp) {
           uint32_t bf[4];  // V rows (keys) kk*16 + (lm%2)*8 + lr, d chunk 2dp + lm/2, transposed
@@ -431,16 +454,18 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             uint32_t* d = reinterpret_cast<uint32_t*>(pw + 2 * (16 * (lane / 4 + 8 * r) + 8 * half + 2 * (lane % 4)));
-            *d = pack2<T>(s[2 * kk + half][2 * r], s[2 * kk + half][2 * r + 1]);
+            *d = pa[kk][2 * half + r];
           }
         }
         __syncwarp();
-#pragma unroll 1
-        for (int jj = 0; jj < 16; ++jj) {
-          const float p0 = b16_at<T>(pw + 2 * (16 * (lane / 4) + jj));
-          const float p1 = b16_at<T>(pw + 2 * (16 * (lane / 4 + 8) + jj));
+        // Column block outermost, keys innermost (a rolled loop): a few registers beyond o, so
+        // this rare path does not push the common one into spills at head dim 256.
 #pragma unroll
-          for (int dn = 0; dn < kOT; ++dn) {
+        for (int dn = 0; dn < kOT; ++dn) {
+#pragma unroll 1
+          for (int jj = 0; jj < 16; ++jj) {
+            const float p0 = b16_at<T>(pw + 2 * (16 * (lane / 4) + jj));
+            const float p1 = b16_at<T>(pw + 2 * (16 * (lane / 4 + 8) + jj));
             const unsigned char* vp = svt + Tile::off(kk * 16 + jj, dn) + 2 * (2 * (lane % 4));
             const float v0 = b16_at<T>(vp), v1 = b16_at<T>(vp + 2);
             if (p0 != 0.f) {
@@ -484,7 +509,14 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
     }
     return;  // uniform across the CTA: no barrier follows on this path
   }
-  __syncthreads();  // every warp is done with Q/K/V shared memory
+  // Each warp stages its own 16 rows in its own rows of the Q tile (no other warp reads them)
+  // and stores them from there: no block barrier, and the row arithmetic is not the
+  // prologue's (a shared expression would keep the prologue's per-row addresses live in
+  // registers through the whole key loop).
+  // The Q rows were copied by threads of every warp: with no key tile, no barrier has yet
+  // ordered their landing before this warp overwrites them (t_begin >= ntiles is CTA-uniform).
+  if (t_begin >= ntiles) __syncthreads();
+  __syncwarp();
 #pragma unroll
   for (int n = 0; n < kOT; ++n) {
 #pragma unroll
@@ -493,12 +525,12 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
       *dst = pack2<T>(o[n][2 * r] * inv[r], o[n][2 * r + 1] * inv[r]);
     }
   }
-  __syncthreads();
+  __syncwarp();
   const bool vec = p.Dv % 8 == 0;
 #pragma unroll
-  for (int n = 0; n < kBlockM * Tile::kChunks / kTcThreads; ++n) {
-    const int idx = tid + n * kTcThreads;
-    const int r = idx / Tile::kChunks, c = idx % Tile::kChunks;
+  for (int n = 0; n < 16 * Tile::kChunks / kWarpSize; ++n) {
+    const int idx = lane + n * kWarpSize;
+    const int r = warp * 16 + idx / Tile::kChunks, c = idx % Tile::kChunks;
     int64_t h, i;
     if (!tc_row(p, hx, pr0 + r, h, i) || c * 8 >= p.Dv) continue;
     const unsigned char* src = sq + Tile::off(r, c);
@@ -675,8 +707,10 @@ bool attention_tc_eligible(const at::Tensor& q, const at::Tensor& v) {
   const char* env = std::getenv("PYLLM_ATTENTION_KERNEL");
   if (env != nullptr && std::strcmp(env, "simt") == 0) return false;
   const auto dt = q.scalar_type();
+  // Query and key indices are 32-bit in the kernel (registers); longer sequences take the SIMT kernel.
+  constexpr int64_t kMaxLen = ((int64_t)1 << 31) - 1024;
   return (dt == at::kHalf || dt == at::kBFloat16) && q.size(3) <= kTcMaxHeadDim && v.size(3) <= kTcMaxHeadDim &&
-         q.size(3) > 0 && v.size(3) > 0;
+         q.size(3) > 0 && v.size(3) > 0 && q.size(2) < kMaxLen && v.size(2) < kMaxLen;
 }
 
 int attention_tc_head_dim(int64_t d, int64_t dv) {
@@ -708,17 +742,10 @@ void attention_tc_forward(const at::Tensor& query, const at::Tensor& key, const 
   p.d8 = q.size(3);
   p.dv8 = v.size(3);
   p.Dv = value.size(3);
+  static_cast<AttnFeatures&>(p) = a.f;
   p.scale_log2 = a.scale * kLog2e;
-  p.g = a.g;
   p.mask = a.mask.defined() ? a.mask.data_ptr() : nullptr;
   p.mask_kind = !a.mask.defined() ? kMaskNone : (a.mask.scalar_type() == at::kBool ? kMaskBool : kMaskFloat);
-  p.mi = a.mi;
-  p.alibi = a.alibi;
-  p.alibi_bstride = a.alibi_bstride;
-  p.dropout = a.dropout;
-  p.drop_threshold = a.drop_threshold;
-  p.drop_scale = a.drop_scale;
-  p.seed = a.seed;
   const int kd = attention_tc_head_dim(query.size(3), value.size(3));
   p.nsplit = 1;
   p.Hkv = k.size(1);

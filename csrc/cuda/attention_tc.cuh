@@ -10,19 +10,12 @@
 namespace pyllm {
 namespace PYLLM_CUDA_NS {
 
-// Everything the forward needs besides q, k, v: the masks in the form the SIMT kernel
-// already takes them (expanded mask + RowIndexer, fp32 ALiBi slopes, geometry, dropout).
+// Everything the forward needs besides q, k, v: the mask as the SIMT kernel takes it
+// (expanded, bool or fp32; its RowIndexer is in f), and the features the SIMT path filled.
 struct TcAttnArgs {
-  at::Tensor mask;            // undefined, bool or fp32, expanded to [B, Hq, Lq, Lk]
-  RowIndexer mi;
-  const float* alibi = nullptr;
-  int64_t alibi_bstride = 0;
-  AttnGeom g;
+  at::Tensor mask;  // undefined, bool or fp32, expanded to [B, Hq, Lq, Lk]
+  AttnFeatures f;
   float scale = 1.f;
-  bool dropout = false;
-  uint32_t drop_threshold = 0;
-  float drop_scale = 1.f;
-  uint64_t seed = 0;
 };
 
 // Largest head dim (of q/k and of v) the tensor-core kernel serves.

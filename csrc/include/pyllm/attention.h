@@ -60,4 +60,18 @@ PYLLM_HOST_DEVICE inline uint32_t dropout_hash(uint64_t seed, uint64_t idx) {
   return x;
 }
 
+// The per-element features of one attention call, as the CUDA kernels' parameter blocks
+// (the SIMT AttnParams and the tensor-core TcParams) both take them: filled once on the host
+// (csrc/cuda/attention.cu) and handed on whole.
+struct AttnFeatures {
+  AttnGeom g;                      // causal / window geometry
+  RowIndexer mi;                   // mask row offsets (when a mask is given)
+  const float* alibi = nullptr;    // ALiBi slopes (fp32): [Hq] (alibi_bstride 0) or [B, Hq] (Hq); null if none
+  int64_t alibi_bstride = 0;
+  bool dropout = false;
+  uint32_t drop_threshold = 0;     // keep iff dropout_hash(seed, row * lk + j) >= drop_threshold
+  float drop_scale = 1.f;          // 1 / (1 - p)
+  uint64_t seed = 0;
+};
+
 }  // namespace pyllm
