@@ -11,7 +11,7 @@ from .ops.varlen_attention import pad_input, unpad_input, varlen_attention
 from .ops.layer_norm import add_layer_norm, add_layer_norm_, layer_norm
 from .ops.masked_softmax import masked_softmax
 from .ops.rms_norm import STYLES as RMS_STYLES
-from .ops.rms_norm import rms_norm
+from .ops.rms_norm import add_rms_norm, rms_norm
 
-__all__ = ["layer_norm", "add_layer_norm", "add_layer_norm_", "rms_norm", "masked_softmax", "scaled_dot_product_attention",
+__all__ = ["layer_norm", "add_layer_norm", "add_layer_norm_", "rms_norm", "add_rms_norm", "masked_softmax", "scaled_dot_product_attention",
            "bias_gelu", "varlen_attention", "unpad_input", "pad_input"]

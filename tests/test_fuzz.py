@@ -35,7 +35,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and
 CI_SEED = 20240611
 # Examples per op and backend in CI (test_fuzz_ci: about 30 s in all on 2 cores); tiny examples pool
 # up to 64 draws (pyllm.tools.fuzz.POOL_ELEMENTS).
-CI_EXAMPLES = {"layer_norm": 40, "add_layer_norm": 30, "rms_norm": 40, "masked_softmax": 50, "bias_gelu": 50,
+CI_EXAMPLES = {"layer_norm": 40, "add_layer_norm": 30, "rms_norm": 40, "add_rms_norm": 30, "masked_softmax": 50,
+               "bias_gelu": 50,
                "scaled_dot_product_attention": 25, "varlen_attention": 25}
 
 needs_emu = pytest.mark.skipif(not _ext.HAS_EMU, reason=f"emulated CUDA module not built ({_ext.C_EMU_ERROR})")

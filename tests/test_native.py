@@ -60,7 +60,8 @@ def test_opcheck_emulated(op):
 
 def test_registry_lists_every_public_op():
     names = [s.name for s in pyllm.ops.specs()]
-    assert names == ["layer_norm", "add_layer_norm", "rms_norm", "masked_softmax", "scaled_dot_product_attention",
+    assert names == ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "masked_softmax",
+                     "scaled_dot_product_attention",
                      "varlen_attention", "bias_gelu"]
     for spec in pyllm.ops.specs():
         assert getattr(P, spec.name) is spec.functional, f"pyllm.functional.{spec.name} is not the slice's"

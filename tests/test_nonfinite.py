@@ -347,6 +347,11 @@ OPS = {
         (lambda t, s=style: (PF.rms_norm(t["x"], N, t["w"], EPS, style=s),)),
         (lambda t, s=style: (rms_norm_torch(t["x"], t["w"], EPS, s),)),
         "rms_norm", diff=("x", "w")) for style in ("torch", "llama", "t5", "gemma")},
+    **{f"add_rms_norm[{style}]": _Op(
+        lambda: _norm_inputs(14, residual=True, bias=False),
+        (lambda t, s=style: PF.add_rms_norm(t["x"], t["r"], N, t["w"], EPS, style=s)),
+        (lambda t, s=style: (rms_norm_torch(t["x"] + t["r"], t["w"], EPS, s), t["x"] + t["r"])),
+        "add_rms_norm", diff=("x", "r", "w"), grads=("grad", "grad_summed")) for style in ("torch", "llama")},
     **{f"bias_gelu[{a}]": _Op(
         _gelu_inputs,
         (lambda t, a=a: (PF.bias_gelu(t["x"], t["b"], a),)),
@@ -425,6 +430,14 @@ TABLE = [
         Case(f"rms_norm[{style}]", "x", (2, 36), NAN),
         *[Case(f"rms_norm[{style}]", "w", (5,), val) for val in VALUES],
         Case(f"rms_norm[{style}]", "grad", (1, 3), NAN), Case(f"rms_norm[{style}]", "grad", (1, 3), INF))],
+    # add_rms_norm: outputs (rms_norm(x + r), x + r), both with a grad_output
+    *[c for style in ("torch", "llama") for c in (
+        *[Case(f"add_rms_norm[{style}]", "x", (1, 3), val) for val in VALUES],
+        *[Case(f"add_rms_norm[{style}]", "r", (2, 36), val) for val in VALUES],
+        Case(f"add_rms_norm[{style}]", "x", (1, 3), INF, also=(("r", (1, 3), -INF),)),  # inf - inf in the sum
+        Case(f"add_rms_norm[{style}]", "w", (5,), NAN), Case(f"add_rms_norm[{style}]", "w", (5,), -INF),
+        Case(f"add_rms_norm[{style}]", "grad", (1, 3), NAN), Case(f"add_rms_norm[{style}]", "grad", (1, 3), INF),
+        Case(f"add_rms_norm[{style}]", "grad_summed", (1, 3), NAN))],
     # bias_gelu, tanh and erf
     *[c for a in ("tanh", "none") for c in (
         *[Case(f"bias_gelu[{a}]", "x", (1, 3), val) for val in VALUES],

@@ -181,6 +181,42 @@ def test_fused_bias_gelu_tanh_matches_stock(monkeypatch):
     assert_close_to_ref(ours[keep], ref[keep], bas[keep], name="bert (tanh GELU) fused")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
+def test_decoder_residual_rms_norm_fused(arch, dtype, monkeypatch):
+    """Llama-family decoder layers: residual + attention output and post_attention_layernorm run as one
+    add_rms_norm (once per layer); logits and gradients vs the fp64 stock model, judged against the
+    stock model in the same dtype; revert restores the class's forward."""
+    from pyllm.hf import fused
+
+    base = tiny_model(arch, "sdpa").to(dtype)
+    m, oracle = pyllm.hf.optimize(copy.deepcopy(base)), copy.deepcopy(base).double()
+    n = base.config.num_hidden_layers
+    label = f"{type(base.model.layers[0]).__name__}: residual + post_attention_layernorm -> pyllm add_rms_norm"
+    assert m.pyllm_report.fused[label] == n
+    calls = []
+    orig = pyllm.functional.add_rms_norm
+    monkeypatch.setattr(pyllm.functional, "add_rms_norm", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    ids, am, _ = _left_padded(m, [12, 5, 1, 9], seed=5)
+    keep = am.bool()
+    with torch.no_grad():
+        ours, ref, bas = (x(input_ids=ids, attention_mask=am).logits for x in (m, oracle, base))
+    assert len(calls) == n
+    assert_close_to_ref(ours[keep], ref[keep], bas[keep], name=f"{arch} {dtype} fused logits")
+    if dtype == torch.float32:  # gradients through the fused op (training, no dropout in these layers)
+        grads = []
+        for x in (m, oracle, base):
+            x.train()
+            x.zero_grad()
+            logits = x(input_ids=ids, attention_mask=am).logits
+            (logits[keep].float().square().mean()).backward()
+            grads.append([x.model.layers[0].post_attention_layernorm.weight.grad,
+                          x.model.layers[0].self_attn.o_proj.weight.grad, x.model.embed_tokens.weight.grad])
+        assert_grads_close(*grads, names=["post_attention_layernorm.weight", "o_proj.weight", "embed_tokens.weight"])
+    pyllm.hf.revert(m)
+    assert not any(fused.is_enabled(x) or "forward" in x.__dict__ for x in m.modules())
+
+
 # ----------------------------------------------------------------------------- decoders: packed prefill
 DECODERS = ["gpt2", "llama", "mistral", "mistral-wide", "qwen2"]
 

@@ -313,6 +313,59 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& input_,
   return {out, rstd};
 }
 
+// Residual add + RMSNorm (a Llama-family decoder layer's "residual + h" then its RMSNorm): the sum
+// is stored, rounded to the input dtype, and normalized as stored, in one pass over the two rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& input_, const at::Tensor& residual_,
+                                                            const std::optional<at::Tensor>& weight, double eps,
+                                                            std::optional<at::ScalarType> round_dtype,
+                                                            double weight_offset, at::ScalarType out_dtype) {
+  check_norm_input(input_);
+  check_residual(residual_, input_);
+  check_norm_param(weight, input_, "weight");
+  TORCH_CHECK(is_supported_float(out_dtype), "pyllm: out_dtype must be a float type");
+  const at::Tensor input = input_.contiguous(), residual = residual_.contiguous();
+  const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
+  at::Tensor out = at::empty(input.sizes(), input.options().dtype(out_dtype));
+  at::Tensor summed = at::empty_like(input);
+  auto stat_shape = input.sizes().vec();
+  stat_shape.pop_back();
+  at::Tensor rstd = at::empty(stat_shape, input.options().dtype(at::kFloat));
+  if (input.numel() == 0) return {out, summed, rstd.zero_()};
+  at::Tensor wh;
+  const float* w = opt_float_ptr(weight, wh);
+  const float off = (float)weight_offset;
+  const at::ScalarType rd = round_dtype.value_or(at::kFloat);
+  const at::ScalarType st = input.scalar_type();
+  PYLLM_DISPATCH_FLOATING(st, "pyllm_add_rms_norm_cpu", [&] {
+    using in_t = scalar_t;
+    const in_t* x = input.data_ptr<in_t>();
+    const in_t* res = residual.data_ptr<in_t>();
+    in_t* s = summed.data_ptr<in_t>();
+    float* rp = rstd.data_ptr<float>();
+    PYLLM_DISPATCH_FLOATING(out_dtype, "pyllm_add_rms_norm_cpu_out", [&] {
+      scalar_t* y = out.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+        std::vector<float> xb(n), rb(n), sb(n), yb(n);
+        for (int64_t r = begin; r < end; ++r) {
+          const float* xr = load_row(x + r * n, xb.data(), n);
+          const float* rr = load_row(res + r * n, rb.data(), n);
+          float* sr = sb.data();
+          row::add(xr, rr, sr, n);
+          store_row(sr, s + r * n, n);
+          round_through(st, sr, n);  // normalize the sum as stored
+          const float rs = 1.f / std::sqrt(row::sq_sum(sr, n) / (float)n + (float)eps);
+          row::scale(sr, yb.data(), n, rs);
+          round_through(rd, yb.data(), n);
+          row::mul_weight(yb.data(), w, off, n);
+          store_row(yb.data(), y + r * n, n);
+          rp[r] = rs;
+        }
+      });
+    });
+  });
+  return {out, summed, rstd};
+}
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_,
                                                      const at::Tensor& input_,
                                                      const at::Tensor& rstd_,
@@ -370,5 +423,6 @@ TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
   m.impl("add_layer_norm_inplace", &pyllm::cpu::add_layer_norm_inplace);
   m.impl("layer_norm_backward", &pyllm::cpu::layer_norm_backward);
   m.impl("rms_norm", &pyllm::cpu::rms_norm);
+  m.impl("add_rms_norm", &pyllm::cpu::add_rms_norm);
   m.impl("rms_norm_backward", &pyllm::cpu::rms_norm_backward);
 }

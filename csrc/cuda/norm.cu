@@ -1,4 +1,4 @@
-// CUDA kernels: LayerNorm, add+LayerNorm, RMSNorm, forward and backward.
+// CUDA kernels: LayerNorm, add+LayerNorm, RMSNorm, add+RMSNorm, forward and backward.
 // One warp per row up to 1024 elements, one block per row beyond; fp32 two-pass
 // mean/variance with warp-shuffle (and shared-memory) reductions. The row is re-read
 // from global memory (L1/L2-resident) instead of being held in registers, so any
@@ -140,9 +140,11 @@ __global__ void norm_bwd_dw_kernel(const G* __restrict__ dy, const T* __restrict
   }
 }
 
+// RMSNorm of x, or (res != null: add_rms_norm) of the sum x + res, stored to `summed` rounded to
+// TI and normalized as stored. The residual test is uniform per launch (no extra instantiation).
 template <typename TI, typename TO, bool kWarp>
-__global__ void rms_norm_fwd_kernel(const TI* __restrict__ x, TO* __restrict__ y,
-                                    const float* __restrict__ w, float* __restrict__ rstd_out,
+__global__ void rms_norm_fwd_kernel(const TI* __restrict__ x, const TI* __restrict__ res, TI* __restrict__ summed,
+                                    TO* __restrict__ y, const float* __restrict__ w, float* __restrict__ rstd_out,
                                     int64_t rows, int64_t n, float eps, int rmode, float offset) {
   __shared__ float scratch[32];
   RowTeam<kWarp> team(scratch);
@@ -151,14 +153,20 @@ __global__ void rms_norm_fwd_kernel(const TI* __restrict__ x, TO* __restrict__ y
   float acc = 0.f;
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
-      const float v = load_float(x[base + j]);
+      float v = load_float(x[base + j]);
+      if (res) {
+        const TI s = store_float<TI>(v + load_float(res[base + j]));
+        summed[base + j] = s;
+        v = load_float(s);
+      }
       acc += v * v;
     }
   }
+  const TI* src = res ? summed : x;  // this thread's own writes: no barrier needed to re-read them
   const float rstd = rsqrtf(team.sum(acc) / (float)n + eps);
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
-      float v = round_as(load_float(x[base + j]) * rstd, rmode);
+      float v = round_as(load_float(src[base + j]) * rstd, rmode);
       if (w) v *= (w[j] + offset);
       y[base + j] = store_float<TO>(v);
     }
@@ -335,42 +343,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
   return {dx, dw, db};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& input_,
-                                            const std::optional<at::Tensor>& weight, double eps,
-                                            std::optional<at::ScalarType> round_dtype,
-                                            double weight_offset, at::ScalarType out_dtype) {
+namespace {
+// rms_norm (residual undefined) and add_rms_norm: one launch path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(const at::Tensor& input_, const at::Tensor& residual_,
+                                                             const std::optional<at::Tensor>& weight, double eps,
+                                                             std::optional<at::ScalarType> round_dtype,
+                                                             double weight_offset, at::ScalarType out_dtype) {
   check_norm_input(input_);
   check_kernel_device(input_, "input");
+  if (residual_.defined()) check_residual(residual_, input_);
   check_norm_param(weight, input_, "weight");
   TORCH_CHECK(is_supported_float(out_dtype), "pyllm: out_dtype must be a float type");
   PYLLM_DEVICE_GUARD(input_);
   const at::Tensor input = input_.contiguous();
+  const at::Tensor residual = residual_.defined() ? residual_.contiguous() : residual_;
   const int64_t n = input.size(-1), rows = n ? input.numel() / n : 0;
   // Kernels write the input dtype or fp32; other output dtypes are cast afterwards.
   const at::ScalarType kdt = out_dtype == input.scalar_type() ? out_dtype : at::kFloat;
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(kdt));
+  at::Tensor summed = residual.defined() ? at::empty_like(input) : at::Tensor();
   at::Tensor rstd = at::zeros(stat_shape(input), input.options().dtype(at::kFloat));
-  if (input.numel() == 0) return {out.to(out_dtype), rstd};
+  if (input.numel() == 0) return {out.to(out_dtype), summed, rstd};
   at::Tensor wh;
   const float* w = opt_float(weight, wh);
   const int rmode = round_mode(round_dtype);
   const RowLaunch L = row_launch(rows, n);
   PYLLM_DISPATCH_FLOATING(input.scalar_type(), "pyllm_rms_norm_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
+    const T* res = residual.defined() ? cuda_ptr<scalar_t>(residual) : nullptr;
+    T* sum = summed.defined() ? cuda_ptr<scalar_t>(summed) : nullptr;
     if (kdt == input.scalar_type()) {
       auto k = L.warp_per_row ? rms_norm_fwd_kernel<T, T, true> : rms_norm_fwd_kernel<T, T, false>;
-      PYLLM_LAUNCH(k, L.grid, L.block, 0, PYLLM_STREAM(), cuda_ptr<scalar_t>(input),
+      PYLLM_LAUNCH(k, L.grid, L.block, 0, PYLLM_STREAM(), cuda_ptr<scalar_t>(input), res, sum,
                    cuda_ptr<scalar_t>(out), w, rstd.data_ptr<float>(), rows, n, (float)eps, rmode,
                    (float)weight_offset);
     } else {
       auto k = L.warp_per_row ? rms_norm_fwd_kernel<T, float, true> : rms_norm_fwd_kernel<T, float, false>;
-      PYLLM_LAUNCH(k, L.grid, L.block, 0, PYLLM_STREAM(), cuda_ptr<scalar_t>(input),
+      PYLLM_LAUNCH(k, L.grid, L.block, 0, PYLLM_STREAM(), cuda_ptr<scalar_t>(input), res, sum,
                    out.data_ptr<float>(), w, rstd.data_ptr<float>(), rows, n, (float)eps, rmode,
                    (float)weight_offset);
     }
   });
   if (kdt != out_dtype) out = out.to(out_dtype);
-  return {out, rstd};
+  return {out, summed, rstd};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                            double eps, std::optional<at::ScalarType> round_dtype,
+                                            double weight_offset, at::ScalarType out_dtype) {
+  auto r = rms_norm_impl(input, at::Tensor(), weight, eps, round_dtype, weight_offset, out_dtype);
+  return {std::get<0>(r), std::get<2>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& input, const at::Tensor& residual,
+                                                            const std::optional<at::Tensor>& weight, double eps,
+                                                            std::optional<at::ScalarType> round_dtype,
+                                                            double weight_offset, at::ScalarType out_dtype) {
+  return rms_norm_impl(input, residual, weight, eps, round_dtype, weight_offset, out_dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_out_,
@@ -423,5 +454,6 @@ PYLLM_CUDA_LIBRARY_IMPL(m) {
   m.impl("add_layer_norm_inplace", &pyllm::PYLLM_CUDA_NS::add_layer_norm_inplace);
   m.impl("layer_norm_backward", &pyllm::PYLLM_CUDA_NS::layer_norm_backward);
   m.impl("rms_norm", &pyllm::PYLLM_CUDA_NS::rms_norm);
+  m.impl("add_rms_norm", &pyllm::PYLLM_CUDA_NS::add_rms_norm);
   m.impl("rms_norm_backward", &pyllm::PYLLM_CUDA_NS::rms_norm_backward);
 }

@@ -1,4 +1,4 @@
-"""Fused epilogues in Hugging Face encoder layers (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT, ...).
+"""Fused epilogues in Hugging Face layers: encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT, ...) and Llama-family decoders.
 
 A module is recognized by its program, as :mod:`pyllm.hf.norms` recognizes norms: a class whose
 ``forward`` is the same syntax tree as
@@ -12,12 +12,18 @@ A module is recognized by its program, as :mod:`pyllm.hf.norms` recognizes norms
   (erf) GELU stays on ``addmm`` + torch's GELU: pyllm's erf GELU is slower than torch's on the
   CPUs measured (docs/PERFORMANCE.md), so fusing it would lose time; the report says so.
 
+* ``LlamaDecoderLayer.forward`` (and every decoder layer with the same program: Mistral, Qwen2, ...)
+  runs ``residual + attention output`` and ``post_attention_layernorm`` as one
+  :func:`pyllm.functional.add_rms_norm` (the sum is written once and normalized from the same pass),
+  when that norm is pyllm's RMSNorm (what :func:`pyllm.hf.optimize` puts there).
+
 The fused forward is an instance attribute (the class is untouched); it runs the class's own
 forward whenever its preconditions do not hold (training mode with dropout, hooks, a LayerNorm
 or Linear that is not the plain one). :func:`disable` removes it.
 """
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
@@ -33,6 +39,7 @@ _REFS = {  # kind -> (module, class)
     "add_layer_norm": [("transformers.models.bert.modeling_bert", "BertSelfOutput"),
                        ("transformers.models.bert.modeling_bert", "BertOutput")],
     "bias_gelu": [("transformers.models.bert.modeling_bert", "BertIntermediate")],
+    "add_rms_norm": [("transformers.models.llama.modeling_llama", "LlamaDecoderLayer")],
 }
 _programs = None
 _cache: dict = {}
@@ -112,6 +119,36 @@ def _bias_gelu_forward(self, hidden_states):
     return PF.bias_gelu(TF.linear(hidden_states, dense.weight), dense.bias, approximate="tanh")
 
 
+_signatures: dict = {}
+
+
+def _decoder_add_rms_forward(self, hidden_states, *args, **kwargs):
+    """LlamaDecoderLayer.forward's program with ``residual + h`` and ``post_attention_layernorm(.)``
+    as one add_rms_norm. The attention gets exactly the arguments the stock forward passes it."""
+    norm = self.post_attention_layernorm
+    if type(norm) is not pnn.RMSNorm or not _plain(norm) or len(norm.normalized_shape) != 1:
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    cls = type(self)
+    if cls not in _signatures:
+        _signatures[cls] = inspect.signature(cls.forward)
+    bound = _signatures[cls].bind(self, hidden_states, *args, **kwargs)
+    bound.apply_defaults()
+    named = dict(bound.arguments)
+    named.pop("self")
+    named.pop("hidden_states")
+    extra = named.pop("kwargs", {})
+    residual = hidden_states
+    h = self.input_layernorm(hidden_states)
+    h, _ = self.self_attn(hidden_states=h, **named, **extra)
+    if h.dtype != residual.dtype or h.shape != residual.shape:  # the stock program (mixed dtypes)
+        residual = residual + h
+        h = norm(residual)
+    else:
+        h, residual = PF.add_rms_norm(h, residual, norm.normalized_shape, norm.weight, norm.eps, style=norm.style)
+    h = self.mlp(h)
+    return residual + h
+
+
 _LAYER_NORMS = (torch.nn.LayerNorm, pnn.LayerNorm)  # what optimize() leaves in the layers
 
 
@@ -130,11 +167,17 @@ def plan(module):
         if g is None:
             return ("skip", f"{name}: activation {type(module.intermediate_act_fn).__name__} is not a GELU")
         return (kind, f"{name}: dense without bias -> pyllm bias_gelu(tanh)")
+    if kind == "add_rms_norm":
+        return (kind, f"{name}: residual + post_attention_layernorm -> pyllm add_rms_norm")
     return (kind, f"{name}: dense -> pyllm add_layer_norm_ (residual + LayerNorm, in place)")
 
 
+_FORWARDS = {"add_layer_norm": _add_ln_forward, "bias_gelu": _bias_gelu_forward,
+             "add_rms_norm": _decoder_add_rms_forward}
+
+
 def enable(module, kind) -> None:
-    fwd = _add_ln_forward if kind == "add_layer_norm" else _bias_gelu_forward
+    fwd = _FORWARDS[kind]
     module.forward = types.MethodType(fwd, module)
     setattr(module, _ORIG, kind)
 

@@ -53,6 +53,10 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, style=self.style)
 
+    def forward_add(self, input: torch.Tensor, residual: torch.Tensor):
+        """``(self(input + residual), input + residual)`` in one fused pass."""
+        return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps, style=self.style)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.style == "torch" else f"{s}, style={self.style!r}"

@@ -260,6 +260,13 @@ def rms_norm_cases(draw):
 
 
 @st.composite
+def add_rms_norm_cases(draw):
+    p = draw(rms_norm_cases()).params
+    p.update(res_layout=draw(LAYOUT))
+    return Case("add_rms_norm", p)
+
+
+@st.composite
 def masked_softmax_cases(draw):
     one_d = draw(st.booleans()) and draw(st.booleans())  # 1 in 4: a 1-D input
     lk = draw(st.one_of(st.integers(0, 40), st.sampled_from((64, 257, 1100))))
@@ -330,6 +337,7 @@ STRATEGIES: dict[str, Callable[[], st.SearchStrategy]] = {
     "layer_norm": layer_norm_cases,
     "add_layer_norm": add_layer_norm_cases,
     "rms_norm": rms_norm_cases,
+    "add_rms_norm": add_rms_norm_cases,
     "masked_softmax": masked_softmax_cases,
     "scaled_dot_product_attention": attention_cases,
     "varlen_attention": varlen_attention_cases,
@@ -386,6 +394,21 @@ def build_rms_norm(p) -> Built:
         # the fp64 oracle must use the same number, not fp64's eps.
         eps = torch.finfo(torch.float32).eps if eps is None else eps
         return ops.get("rms_norm").torch_baseline(input, normalized_shape, weight, eps, style=style)
+
+    b.oracle = oracle
+    return b
+
+
+def build_add_rms_norm(p) -> Built:
+    b = build_rms_norm(p)
+    dt, g = DTYPES[p["dtype"]], _gen(p["seed"] + 1)
+    shape, _ = _norm_shapes(p)
+    b.leaf("residual", shape, dt, p["res_layout"], g, p["scale"])
+    b.args = lambda v: ((v["x"], v["residual"], _nshape(p), v.get("weight"), p["eps"]), {"style": p["style"]})
+
+    def oracle(input, residual, normalized_shape, weight=None, eps=None, *, style="torch"):
+        eps = torch.finfo(torch.float32).eps if eps is None else eps  # as build_rms_norm's oracle
+        return ops.get("add_rms_norm").torch_baseline(input, residual, normalized_shape, weight, eps, style=style)
 
     b.oracle = oracle
     return b
@@ -530,6 +553,7 @@ BUILDERS: dict[str, Callable[[dict], Built]] = {
     "layer_norm": build_layer_norm,
     "add_layer_norm": build_add_layer_norm,
     "rms_norm": build_rms_norm,
+    "add_rms_norm": build_add_rms_norm,
     "masked_softmax": build_masked_softmax,
     "scaled_dot_product_attention": build_attention,
     "varlen_attention": build_varlen_attention,

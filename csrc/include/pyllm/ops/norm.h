@@ -1,4 +1,4 @@
-// C++ entry points of the LayerNorm / add+LayerNorm / RMSNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) kernels, per backend namespace:
+// C++ entry points of the LayerNorm / add+LayerNorm / RMSNorm / add+RMSNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) kernels, per backend namespace:
 //   pyllm::cpu (C++), pyllm::cuda (nvcc), pyllm::emu (the CUDA source under the CPU emulation).
 // Each kernel file registers its entry points itself (TORCH_LIBRARY_IMPL at its end); the
 // schemas are defined by the op's slice in pyllm/ops/. Declared here for the C++ tests.
@@ -25,6 +25,11 @@
       const std::optional<at::Tensor>& grad_extra);                                     \
   std::tuple<at::Tensor, at::Tensor> rms_norm(                                          \
       const at::Tensor& input, const std::optional<at::Tensor>& weight, double eps,     \
+      std::optional<at::ScalarType> round_dtype, double weight_offset,                  \
+      at::ScalarType out_dtype);                                                        \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(                         \
+      const at::Tensor& input, const at::Tensor& residual,                              \
+      const std::optional<at::Tensor>& weight, double eps,                              \
       std::optional<at::ScalarType> round_dtype, double weight_offset,                  \
       at::ScalarType out_dtype);                                                        \
   std::tuple<at::Tensor, at::Tensor> rms_norm_backward(                                 \
