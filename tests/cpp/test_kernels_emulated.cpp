@@ -69,6 +69,13 @@ static void test_rms_norm(at::ScalarType t, int64_t rows, int64_t n) {
   const auto rs = at::rsqrt(xd.pow(2).mean(-1, true) + 1e-6);
   const auto ref = xd * rs * w.to(at::kDouble);
   check("rms_norm", t, n, max_err(y, ref), tol(t, ref.abs().max().item<double>()));
+  // add_rms_norm: the sum exactly as the dtype's own add, then RMSNorm of the sum as stored
+  const auto r = at::randn({rows, n}).to(t);
+  auto [y2, s2, r2] = emu::add_rms_norm(x, r, w, 1e-6, std::nullopt, 0.0, t);
+  const auto s_ref = x + r, sd = s_ref.to(at::kDouble);
+  check("add_rms_norm.summed", t, n, max_err(s2, s_ref), 0.0);
+  const auto ref2 = sd * at::rsqrt(sd.pow(2).mean(-1, true) + 1e-6) * w.to(at::kDouble);
+  check("add_rms_norm.out", t, n, max_err(y2, ref2), tol(t, ref2.abs().max().item<double>()));
   const auto dy = at::randn({rows, n});
   auto [dx, dw] = emu::rms_norm_backward(dy, x, rstd, w, std::nullopt, 0.0);
   const auto g = dy.to(at::kDouble) * w.to(at::kDouble), nrm = xd * rs;
