@@ -276,6 +276,48 @@ def test_rms_norm_forward_torch_style(backend, n, lead, dtype, has_weight):
     assert_close_to_ref(out_eps, rms64(x, w, 1e-3), tF.rms_norm(x, (n,), w, eps=1e-3))
 
 
+# The CUDA forward's two paths (csrc/cuda/norm.cu): a row held in registers (16-byte loads and stores)
+# when its width is a multiple of 16 bytes and at most 1024 (a warp per row) or 8192 (a block per row);
+# element loops otherwise. Widths on both sides of each limit, every dtype, and tensors starting one
+# element past a 16-byte boundary (element loops), for the four forward ops.
+NORM_PATH_WIDTHS = [1, 7, 8, 97, 1024, 1025, 4096, 8192, 8193]
+
+
+@pytest.mark.emulated
+@pytest.mark.skipif(not _ext.HAS_EMU, reason="emulated CUDA module not built")
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n", NORM_PATH_WIDTHS)
+def test_norm_forward_paths_emulated(n, dtype, misaligned):
+    rows = 3 if n <= 1024 else 2
+
+    def mk(seed, shape, scale=1.0, shift=0.0):
+        g = torch.Generator().manual_seed(seed)
+        numel = math.prod(shape)
+        buf = (torch.randn(numel + 1, generator=g) * scale + shift).to(dtype)
+        t = (buf[1:] if misaligned else buf[:-1]).view(shape)
+        assert (t.data_ptr() % 16 != 0) == misaligned
+        return t
+
+    x, r = mk(1, (rows, n), 2.0, 0.5), mk(2, (rows, n))
+    w, b = mk(3, (n,), shift=1.0), mk(4, (n,))
+    w32 = w.float()  # rms_norm llama style with an fp32 weight: fp32 output from a half input
+    with pyllm.use_backend(EMU):
+        ln = P.layer_norm(x, (n,), w, b, eps=1e-5)
+        aln, s1 = P.add_layer_norm(x, r, (n,), w, b, eps=1e-5)
+        rms = P.rms_norm(x, (n,), w32, 1e-6, style="llama")
+        arms, s2 = P.add_rms_norm(x, r, (n,), w, 1e-6, style="llama")
+    s = x + r
+    assert torch.equal(s1, s) and torch.equal(s2, s)  # the sums exactly as the dtype's own add
+    assert_close_to_ref(ln, ln64(x, n, w, b), tF.layer_norm(x, (n,), w, b), name=f"layer_norm n={n}")
+    assert_close_to_ref(aln, ln64(s, n, w, b), tF.layer_norm(s, (n,), w, b), name=f"add_layer_norm n={n}")
+    assert rms.dtype == torch.promote_types(dtype, torch.float32)
+    assert_close_to_ref(rms, rms64(x, w32, 1e-6, "llama"), rms_norm_torch(x, w32, 1e-6, "llama"),
+                        name=f"rms_norm n={n}")
+    assert_close_to_ref(arms, rms64(s, w, 1e-6, "llama"), rms_norm_torch(s, w, 1e-6, "llama"),
+                        name=f"add_rms_norm n={n}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 @pytest.mark.parametrize("backend,lead,n", cases(

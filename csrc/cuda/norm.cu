@@ -1,10 +1,14 @@
 // CUDA kernels: LayerNorm, add+LayerNorm, RMSNorm, add+RMSNorm, forward and backward.
 // One warp per row up to 1024 elements, one block per row beyond; fp32 two-pass
-// mean/variance with warp-shuffle (and shared-memory) reductions. The row is re-read
-// from global memory (L1/L2-resident) instead of being held in registers, so any
-// width works with one code path.
+// mean/variance with warp-shuffle (and shared-memory) reductions. Forward: rows of up to 1024
+// (warp) or 8192 (block) elements whose width is a multiple of 16 bytes are read once with
+// 16-byte loads into registers and written once with 16-byte stores; other rows (longer,
+// misaligned) and the backward re-read the row element by element (L1/L2-resident).
 #include "common.cuh"
 #include "../include/pyllm/ops/norm.h"
+
+#include <cstdint>
+#include <cstring>
 
 namespace pyllm {
 namespace PYLLM_CUDA_NS {
@@ -24,6 +28,76 @@ inline int round_mode(std::optional<at::ScalarType> t) {
   return kRoundNone;
 }
 
+// ---- a row held in registers: one read of x (and the residual), one write of each output ----
+// Thread tid of a team of `size` owns the 16-byte chunks tid, tid + size, ... of its row
+// (kVecOf<T> elements each): coalesced 16-byte loads and stores. At most kRegElems<kWarp>
+// elements per thread: 32 for a warp (rows up to 1024), 8 for a block (rows up to 8 x 1024
+// threads = 8192). Rows that are longer, not a multiple of 16 bytes, or whose tensors do not
+// start 16-byte aligned take the re-reading element loops (same results up to fp32 rounding).
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+template <typename T>
+constexpr int kVecOf = 16 / (int)sizeof(T);
+template <bool kWarp>
+constexpr int kRegElems = kWarp ? 32 : 8;
+
+__device__ __forceinline__ bool aligned16(const void* p) { return p == nullptr || (uintptr_t)p % 16 == 0; }
+
+template <typename T, bool kWarp>
+__device__ __forceinline__ bool row_fits_regs(int64_t n, int size) {
+  return n % kVecOf<T> == 0 && n <= (int64_t)size * kRegElems<kWarp>;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* p, float (&out)[kVecOf<T>]) {
+  const Vec16 v = *reinterpret_cast<const Vec16*>(p);
+  T e[kVecOf<T>];
+  memcpy(e, &v, 16);
+#pragma unroll
+  for (int i = 0; i < kVecOf<T>; ++i) out[i] = load_float(e[i]);
+}
+
+// Stores kCount values as T with 16-byte stores (kCount * sizeof(T) is a multiple of 16).
+template <typename T, int kCount>
+__device__ __forceinline__ void store_chunk(T* p, const float* in) {
+  static_assert((kCount * sizeof(T)) % 16 == 0, "whole 16-byte stores");
+#pragma unroll
+  for (int s = 0; s < kCount / kVecOf<T>; ++s) {
+    T e[kVecOf<T>];
+#pragma unroll
+    for (int i = 0; i < kVecOf<T>; ++i) e[i] = store_float<T>(in[s * kVecOf<T> + i]);
+    Vec16 v;
+    memcpy(&v, e, 16);
+    reinterpret_cast<Vec16*>(p)[s] = v;
+  }
+}
+
+// Loads this thread's chunks of x (+ res: the sum, rounded to T, is written to `summed` and kept
+// as stored) into c; chunks past the row's end are zeros.
+template <typename T, int kChunks>
+__device__ __forceinline__ void load_row_regs(float (&c)[kChunks][kVecOf<T>], const T* x, const T* res, T* summed,
+                                              int64_t n, int tid, int size) {
+  constexpr int kV = kVecOf<T>;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t j0 = ((int64_t)tid + (int64_t)k * size) * kV;
+    if (j0 < n) {
+      load_chunk(x + j0, c[k]);
+      if (res) {
+        float r[kV];
+        load_chunk(res + j0, r);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) c[k][i] = load_float(store_float<T>(c[k][i] + r[i]));
+        store_chunk<T, kV>(summed + j0, c[k]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kV; ++i) c[k][i] = 0.f;
+    }
+  }
+}
+
 template <typename T, bool kWarp, bool kResidual>
 __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ res,
                                       T* __restrict__ summed, T* __restrict__ y,
@@ -34,6 +108,11 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
   RowTeam<kWarp> team(scratch);
   const bool active = team.row < rows;  // no early return: block mode has barriers
   const int64_t base = active ? team.row * n : 0;
+  constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
+  // Uniform across the launch: the row in registers, or the element loops re-reading it.
+  const bool regs = row_fits_regs<T, kWarp>(n, team.size) && aligned16(x) && aligned16(y) &&
+                    (!kResidual || (aligned16(res) && aligned16(summed)));
+  float c[kChunks][kV];
   // Shifted sum: accumulate v - pivot (pivot = the row's first value, as normalized) so
   // the mean stays accurate when |mean| >> std (plain fp32 sums lose the low bits that
   // x - mean keeps, and LayerNorm divides that error by std).
@@ -43,6 +122,49 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
     if (kResidual) pivot = load_float(store_float<T>(pivot + load_float(res[base])));
   }
   float acc = 0.f;
+  if (regs) {
+    if (active) {
+      load_row_regs<T, kChunks>(c, x + base, kResidual ? res + base : nullptr, kResidual ? summed + base : nullptr,
+                                n, team.tid, team.size);
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k)
+        if (((int64_t)team.tid + (int64_t)k * team.size) * kV < n)
+#pragma unroll
+          for (int i = 0; i < kV; ++i) acc += c[k][i] - pivot;
+    }
+    const float mean = pivot + team.sum(acc) / (float)n;
+    acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k)
+      if (active && ((int64_t)team.tid + (int64_t)k * team.size) * kV < n)
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          const float d = c[k][i] - mean;
+          acc += d * d;
+        }
+    const float rstd = rsqrtf(team.sum(acc) / (float)n + eps);
+    if (active) {
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+        const int64_t j0 = ((int64_t)team.tid + (int64_t)k * team.size) * kV;
+        if (j0 >= n) continue;
+        float o[kV];
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          float v = (c[k][i] - mean) * rstd;
+          if (w) v *= w[j0 + i];
+          if (b) v += b[j0 + i];
+          o[i] = v;
+        }
+        store_chunk<T, kV>(y + base + j0, o);
+      }
+      if (team.tid == 0) {
+        mean_out[team.row] = mean;
+        rstd_out[team.row] = rstd;
+      }
+    }
+    return;  // uniform: every thread of the team took this path, past its last barrier
+  }
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
       float v = load_float(x[base + j]);
@@ -150,6 +272,40 @@ __global__ void rms_norm_fwd_kernel(const TI* __restrict__ x, const TI* __restri
   RowTeam<kWarp> team(scratch);
   const bool active = team.row < rows;
   const int64_t base = active ? team.row * n : 0;
+  constexpr int kV = kVecOf<TI>, kChunks = kRegElems<kWarp> / kV;
+  // Uniform across the launch: the row in registers, or the element loops re-reading it.
+  const bool regs = row_fits_regs<TI, kWarp>(n, team.size) && aligned16(x) && aligned16(y) &&
+                    (!res || (aligned16(res) && aligned16(summed)));
+  if (regs) {
+    float c[kChunks][kV];
+    float acc = 0.f;
+    if (active) {
+      load_row_regs<TI, kChunks>(c, x + base, res ? res + base : nullptr, res ? summed + base : nullptr, n,
+                                 team.tid, team.size);
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k)
+#pragma unroll
+        for (int i = 0; i < kV; ++i) acc += c[k][i] * c[k][i];  // zeros past the end
+    }
+    const float rstd = rsqrtf(team.sum(acc) / (float)n + eps);
+    if (active) {
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+        const int64_t j0 = ((int64_t)team.tid + (int64_t)k * team.size) * kV;
+        if (j0 >= n) continue;
+        float o[kV];
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          float v = round_as(c[k][i] * rstd, rmode);
+          if (w) v *= (w[j0 + i] + offset);
+          o[i] = v;
+        }
+        store_chunk<TO, kV>(y + base + j0, o);
+      }
+      if (team.tid == 0) rstd_out[team.row] = rstd;
+    }
+    return;  // uniform: every thread of the team took this path, past its last barrier
+  }
   float acc = 0.f;
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
