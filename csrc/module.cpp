@@ -8,6 +8,7 @@ namespace pyllm::emu {
 std::vector<std::vector<int64_t>> attention_tc_configs();  // csrc/cuda/attention_tc.cu
 int attention_tc_last_splits();
 int64_t attention_tc_last_ctas();
+std::vector<int64_t> norm_row_plan(int64_t n, int64_t elem_bytes);  // csrc/cuda/norm.cu
 }
 #endif
 
@@ -42,6 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "smem_bytes, q_in_regs, smem_pitch_chunks, xor_swizzle]");
   m.def("attention_tc_last_splits", &pyllm::emu::attention_tc_last_splits,
         "key splits (flash-decoding CTAs per query tile) of the last tensor-core attention forward");
+  m.def("norm_row_plan", &pyllm::emu::norm_row_plan, py::arg("n"), py::arg("elem_bytes"),
+        "the CUDA norm forwards' plan for rows of n elements of elem_bytes: [warp_per_row, threads_per_row, "
+        "row_in_registers]");
   m.def("attention_tc_last_ctas", &pyllm::emu::attention_tc_last_ctas,
         "CTAs per key split of the last tensor-core attention forward (batch x heads x query tiles)");
 #else

@@ -80,3 +80,53 @@ def test_attn_bench_runs_on_cpu():
     assert text.count("\n| float32 |") == len(rows)
     assert attn_bench.flops(1, 2, 8, 8, 4, causal=True) == 4 * 2 * 8 * 8 * 4 / 2
     assert attn_bench.peak_for("NVIDIA H200") == 989.0 and attn_bench.peak_for("cpu") is None
+
+
+# ----------------------------------------------------------------------------- memory-bound norms
+def _norm_rows(regs_warp=56, regs_block=32):
+    """parse_ptxas-shaped rows for every forward instantiation the norm model reads, both archs."""
+    rows = []
+    for arch in ("sm_80", "sm_90"):
+        for ctype in ("float", "__nv_bfloat16"):
+            for w in ("true", "false"):
+                regs = regs_warp if w == "true" else regs_block
+                for res in ("true", "false"):
+                    rows.append({"arch": arch, "registers": regs, "spill_stores": 0, "spill_loads": 0,
+                                 "kernel": f"void pyllm::cuda::(anonymous namespace)::layer_norm_fwd_kernel<{ctype}, {w}, {res}>(x)"})
+                rows.append({"arch": arch, "registers": regs, "spill_stores": 0, "spill_loads": 0,
+                             "kernel": f"void pyllm::cuda::(anonymous namespace)::rms_norm_fwd_kernel<{ctype}, {ctype}, {w}>(x)"})
+    return rows
+
+
+@pytest.mark.skipif(not _ext.HAS_EMU, reason="emulated CUDA module not built")
+def test_norm_row_plan_is_the_kernels():
+    """The model asks the C++ which path a width takes; the limits are the kernel's (norm.cu)."""
+    from pyllm.tools import gpu_model_norms as m
+
+    assert m.row_plan(1024, 4) == (True, 32, True)       # 32 lanes x 32 elements
+    assert m.row_plan(1028, 4) == (False, 160, True)     # block mode from 1025: ceil(n / 8) threads, to 32
+    assert m.row_plan(1025, 4)[2] is False               # not a multiple of 16 bytes
+    assert m.row_plan(8192, 2) == (False, 1024, True)    # 1024 threads x 8 elements
+    assert m.row_plan(8200, 2)[2] is False               # past 8 x 1024
+    assert m.row_plan(1020, 2)[2] is False and m.row_plan(1016, 2)[2] is True  # 8-element chunks in bf16
+
+
+@pytest.mark.skipif(not _ext.HAS_EMU, reason="emulated CUDA module not built")
+def test_norm_model_bandwidth_estimates():
+    from pyllm.tools import gpu_model_norms as m
+
+    a100, h100 = m.HBMS
+    e = m.estimate("rms_norm", 4096, 2, 32, a100)
+    assert e["regs_path"] and e["threads"] == 512 and e["resident"] == 2048
+    assert e["inflight"] == 2048 * 8 * 2 and e["frac"] == pytest.approx(m.DRAM_EFFICIENCY)
+    assert e["hbm_bytes"] == 2 * 4096 * 2
+    wide = m.estimate("layer_norm", 16384, 2, 32, h100)  # element loops: 2 bytes in flight per thread
+    assert not wide["regs_path"] and wide["passes"] == 3
+    assert wide["frac"] == pytest.approx(m.DRAM_EFFICIENCY * 2048 * 2 / wide["need"])
+    assert m.estimate("add_layer_norm", 4096, 4, 32, a100)["hbm_bytes"] == 4 * 4096 * 4
+    # registers limit residency: 255 registers x 128 threads -> 2 blocks of 4 rows
+    assert m.estimate("rms_norm", 1024, 4, 255, a100)["resident"] == 256
+    text = m.render(_norm_rows(), 1.0)
+    assert text.startswith(m.BEGIN) and text.endswith(m.END)
+    assert "| layer_norm_fwd_kernel (add_layer_norm) | sm_90 | 56 / 32 | 56 / 32 | 0 |" in text
+    assert "| A100 SXM4 80GB | add_rms_norm | bf16 | 8192 | registers | 1024 | 2048 |" in text

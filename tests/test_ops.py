@@ -276,10 +276,11 @@ def test_rms_norm_forward_torch_style(backend, n, lead, dtype, has_weight):
     assert_close_to_ref(out_eps, rms64(x, w, 1e-3), tF.rms_norm(x, (n,), w, eps=1e-3))
 
 
-# The CUDA forward's two paths (csrc/cuda/norm.cu): a row held in registers (16-byte loads and stores)
-# when its width is a multiple of 16 bytes and at most 1024 (a warp per row) or 8192 (a block per row);
-# element loops otherwise. Widths on both sides of each limit, every dtype, and tensors starting one
-# element past a 16-byte boundary (element loops), for the four forward ops.
+# The CUDA row kernels' two paths (csrc/cuda/common.cuh, norm.cu, softmax.cu): a row held in registers
+# (16-byte loads and stores) when its width is a multiple of 16 bytes and at most 1024 (a warp per row)
+# or 8192 (a block per row); element loops otherwise. Widths on both sides of each limit, every dtype,
+# and tensors starting one element past a 16-byte boundary (element loops): the four norm forwards and
+# masked_softmax forward (bool mask + causal) and backward.
 NORM_PATH_WIDTHS = [1, 7, 8, 97, 1024, 1025, 4096, 8192, 8193]
 
 
@@ -288,7 +289,7 @@ NORM_PATH_WIDTHS = [1, 7, 8, 97, 1024, 1025, 4096, 8192, 8193]
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "offset1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("n", NORM_PATH_WIDTHS)
-def test_norm_forward_paths_emulated(n, dtype, misaligned):
+def test_row_kernel_paths_emulated(n, dtype, misaligned):
     rows = 3 if n <= 1024 else 2
 
     def mk(seed, shape, scale=1.0, shift=0.0):
@@ -316,6 +317,19 @@ def test_norm_forward_paths_emulated(n, dtype, misaligned):
                         name=f"rms_norm n={n}")
     assert_close_to_ref(arms, rms64(s, w, 1e-6, "llama"), rms_norm_torch(s, w, 1e-6, "llama"),
                         name=f"add_rms_norm n={n}")
+    keep = torch.arange(n) % 5 != 3  # a broadcast bool mask; with causal, row i sees keys <= i
+    for causal in (False, True):
+        xs = x.detach().requires_grad_()  # a view of x's memory: misaligned stays misaligned
+        with pyllm.use_backend(EMU):
+            p = P.masked_softmax(xs, keep, 0.7, causal)
+            (dx,) = torch.autograd.grad(p, xs, r)
+        x64 = x.detach().double().requires_grad_()
+        p64 = softmax_torch(x64, keep, 0.7, causal)
+        xb = x.detach().clone().requires_grad_()
+        pb = sm_baseline(xb, keep, 0.7, causal)
+        assert_close_to_ref(p, p64, pb, name=f"masked_softmax n={n} causal={causal}")
+        assert_close_to_ref(dx, torch.autograd.grad(p64, x64, r.double())[0], torch.autograd.grad(pb, xb, r)[0],
+                            mult=3.0, name=f"masked_softmax backward n={n} causal={causal}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

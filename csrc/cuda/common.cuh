@@ -1,9 +1,14 @@
-// Host-side glue shared by the CUDA kernel files (also compiled for the emulation).
+// Shared by the CUDA kernel files (also compiled for the emulation): host launch glue, RowTeam (the
+// threads of one row) and the helpers that hold a row in registers (16-byte loads and stores).
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <cstring>
+
 #include "../include/pyllm/checks.h"
 #include "../include/pyllm/cuda_compat.cuh"
+#include "../include/pyllm/broadcast.h"  // PYLLM_HOST_DEVICE (after cuda_compat: __host__ under emulation)
 
 #if defined(PYLLM_EMULATED)
 #define PYLLM_STREAM() ((cudaStream_t)0)
@@ -64,7 +69,8 @@ inline RowLaunch row_launch(int64_t rows, int64_t n) {
     constexpr int kRowsPerBlock = 4;
     return {true, (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock), 32u * kRowsPerBlock};
   }
-  int64_t threads = std::min<int64_t>(1024, ((n / 8) + 31) / 32 * 32);
+  // about 8 elements per thread, rounded up: every row of up to 8192 fits a block's registers (norm.cu)
+  int64_t threads = std::min<int64_t>(1024, ((n + 7) / 8 + 31) / 32 * 32);
   threads = std::max<int64_t>(threads, 128);
   return {false, (unsigned)rows, (unsigned)threads};
 }
@@ -90,5 +96,55 @@ struct RowTeam {
   __device__ float sum(float v) const { return kWarp ? warp_sum(v) : block_sum(v, scratch); }
   __device__ float max(float v) const { return kWarp ? warp_max(v) : block_max(v, scratch); }
 };
+
+// ---- a row held in registers: one read of each input, one write of each output ----
+// Thread tid of a team of `size` (RowTeam) owns the 16-byte chunks tid, tid + size, ... of its row
+// (kVecOf<T> elements each): coalesced 16-byte loads and stores. At most kRegElems<kWarp>
+// elements per thread: 32 for a warp (rows up to 1024), 8 for a block (rows up to 8 x 1024
+// threads = 8192). Rows that are longer, not a multiple of 16 bytes, or whose tensors do not
+// start 16-byte aligned take the kernels' element loops, which re-read the row from L1/L2.
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+template <typename T>
+constexpr int kVecOf = 16 / (int)sizeof(T);
+template <bool kWarp>
+constexpr int kRegElems = kWarp ? 32 : 8;
+
+__device__ __forceinline__ bool aligned16(const void* p) { return p == nullptr || (uintptr_t)p % 16 == 0; }
+
+template <typename T, bool kWarp>
+PYLLM_HOST_DEVICE inline bool row_fits_regs(int64_t n, int size) {
+  return n % kVecOf<T> == 0 && n <= (int64_t)size * kRegElems<kWarp>;
+}
+
+// Chunk k of this thread starts at element chunk_start(...) of the row (>= n: past its end).
+__device__ __forceinline__ int64_t chunk_start(int tid, int size, int k, int vec) {
+  return ((int64_t)tid + (int64_t)k * size) * vec;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* p, float (&out)[kVecOf<T>]) {
+  const Vec16 v = *reinterpret_cast<const Vec16*>(p);
+  T e[kVecOf<T>];
+  memcpy(e, &v, 16);
+#pragma unroll
+  for (int i = 0; i < kVecOf<T>; ++i) out[i] = load_float(e[i]);
+}
+
+// Stores kCount values as T with 16-byte stores (kCount * sizeof(T) is a multiple of 16).
+template <typename T, int kCount>
+__device__ __forceinline__ void store_chunk(T* p, const float* in) {
+  static_assert((kCount * sizeof(T)) % 16 == 0, "whole 16-byte stores");
+#pragma unroll
+  for (int s = 0; s < kCount / kVecOf<T>; ++s) {
+    T e[kVecOf<T>];
+#pragma unroll
+    for (int i = 0; i < kVecOf<T>; ++i) e[i] = store_float<T>(in[s * kVecOf<T> + i]);
+    Vec16 v;
+    memcpy(&v, e, 16);
+    reinterpret_cast<Vec16*>(p)[s] = v;
+  }
+}
 
 }  // namespace pyllm

@@ -7,8 +7,6 @@
 #include "common.cuh"
 #include "../include/pyllm/ops/norm.h"
 
-#include <cstdint>
-#include <cstring>
 
 namespace pyllm {
 namespace PYLLM_CUDA_NS {
@@ -28,51 +26,6 @@ inline int round_mode(std::optional<at::ScalarType> t) {
   return kRoundNone;
 }
 
-// ---- a row held in registers: one read of x (and the residual), one write of each output ----
-// Thread tid of a team of `size` owns the 16-byte chunks tid, tid + size, ... of its row
-// (kVecOf<T> elements each): coalesced 16-byte loads and stores. At most kRegElems<kWarp>
-// elements per thread: 32 for a warp (rows up to 1024), 8 for a block (rows up to 8 x 1024
-// threads = 8192). Rows that are longer, not a multiple of 16 bytes, or whose tensors do not
-// start 16-byte aligned take the re-reading element loops (same results up to fp32 rounding).
-struct alignas(16) Vec16 {
-  uint32_t w[4];
-};
-template <typename T>
-constexpr int kVecOf = 16 / (int)sizeof(T);
-template <bool kWarp>
-constexpr int kRegElems = kWarp ? 32 : 8;
-
-__device__ __forceinline__ bool aligned16(const void* p) { return p == nullptr || (uintptr_t)p % 16 == 0; }
-
-template <typename T, bool kWarp>
-__device__ __forceinline__ bool row_fits_regs(int64_t n, int size) {
-  return n % kVecOf<T> == 0 && n <= (int64_t)size * kRegElems<kWarp>;
-}
-
-template <typename T>
-__device__ __forceinline__ void load_chunk(const T* p, float (&out)[kVecOf<T>]) {
-  const Vec16 v = *reinterpret_cast<const Vec16*>(p);
-  T e[kVecOf<T>];
-  memcpy(e, &v, 16);
-#pragma unroll
-  for (int i = 0; i < kVecOf<T>; ++i) out[i] = load_float(e[i]);
-}
-
-// Stores kCount values as T with 16-byte stores (kCount * sizeof(T) is a multiple of 16).
-template <typename T, int kCount>
-__device__ __forceinline__ void store_chunk(T* p, const float* in) {
-  static_assert((kCount * sizeof(T)) % 16 == 0, "whole 16-byte stores");
-#pragma unroll
-  for (int s = 0; s < kCount / kVecOf<T>; ++s) {
-    T e[kVecOf<T>];
-#pragma unroll
-    for (int i = 0; i < kVecOf<T>; ++i) e[i] = store_float<T>(in[s * kVecOf<T> + i]);
-    Vec16 v;
-    memcpy(&v, e, 16);
-    reinterpret_cast<Vec16*>(p)[s] = v;
-  }
-}
-
 // Loads this thread's chunks of x (+ res: the sum, rounded to T, is written to `summed` and kept
 // as stored) into c; chunks past the row's end are zeros.
 template <typename T, int kChunks>
@@ -81,7 +34,7 @@ __device__ __forceinline__ void load_row_regs(float (&c)[kChunks][kVecOf<T>], co
   constexpr int kV = kVecOf<T>;
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
-    const int64_t j0 = ((int64_t)tid + (int64_t)k * size) * kV;
+    const int64_t j0 = chunk_start(tid, size, k, kV);
     if (j0 < n) {
       load_chunk(x + j0, c[k]);
       if (res) {
@@ -128,7 +81,7 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
                                 n, team.tid, team.size);
 #pragma unroll
       for (int k = 0; k < kChunks; ++k)
-        if (((int64_t)team.tid + (int64_t)k * team.size) * kV < n)
+        if (chunk_start(team.tid, team.size, k, kV) < n)
 #pragma unroll
           for (int i = 0; i < kV; ++i) acc += c[k][i] - pivot;
     }
@@ -136,7 +89,7 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
     acc = 0.f;
 #pragma unroll
     for (int k = 0; k < kChunks; ++k)
-      if (active && ((int64_t)team.tid + (int64_t)k * team.size) * kV < n)
+      if (active && chunk_start(team.tid, team.size, k, kV) < n)
 #pragma unroll
         for (int i = 0; i < kV; ++i) {
           const float d = c[k][i] - mean;
@@ -146,7 +99,7 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
     if (active) {
 #pragma unroll
       for (int k = 0; k < kChunks; ++k) {
-        const int64_t j0 = ((int64_t)team.tid + (int64_t)k * team.size) * kV;
+        const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
         if (j0 >= n) continue;
         float o[kV];
 #pragma unroll
@@ -291,7 +244,7 @@ __global__ void rms_norm_fwd_kernel(const TI* __restrict__ x, const TI* __restri
     if (active) {
 #pragma unroll
       for (int k = 0; k < kChunks; ++k) {
-        const int64_t j0 = ((int64_t)team.tid + (int64_t)k * team.size) * kV;
+        const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
         if (j0 >= n) continue;
         float o[kV];
 #pragma unroll
@@ -545,6 +498,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(const at::Tensor& i
 }
 
 }  // namespace
+
+// For the performance model (pyllm/tools/gpu_model_norms.py) and its test: {warp per row, threads
+// per row, row held in registers (16-byte aligned tensors)} for rows of n elements of elem_bytes.
+std::vector<int64_t> norm_row_plan(int64_t n, int64_t elem_bytes) {
+  const RowLaunch L = row_launch(1, n);
+  const int size = L.warp_per_row ? kWarpSize : (int)L.block;
+  bool regs = false;
+  if (elem_bytes == 4) regs = L.warp_per_row ? row_fits_regs<float, true>(n, size) : row_fits_regs<float, false>(n, size);
+  if (elem_bytes == 2) regs = L.warp_per_row ? row_fits_regs<__half, true>(n, size) : row_fits_regs<__half, false>(n, size);
+  return {L.warp_per_row ? 1 : 0, size, regs ? 1 : 0};
+}
 
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                             double eps, std::optional<at::ScalarType> round_dtype,

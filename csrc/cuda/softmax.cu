@@ -1,7 +1,9 @@
 // CUDA kernels: softmax(input * scale + mask) over the last dim with bool/additive
 // masks of any broadcast shape and strides, top-left causal masking, and zeros for
 // fully-masked rows; backward dx = scale * y * (dy - sum(dy * y)), zero-probability terms skipped.
-// One warp per row up to 1024 columns, one block per row beyond: no length limit.
+// One warp per row up to 1024 columns, one block per row beyond: no length limit. Rows of up to
+// 1024 (warp) / 8192 (block) whose width is a multiple of 16 bytes are held in registers (one
+// 16-byte read of each input, one write of the output: common.cuh); others re-read the row.
 #include "common.cuh"
 #include "../include/pyllm/broadcast.h"
 #include "../include/pyllm/ops/softmax.h"
@@ -33,6 +35,52 @@ __global__ void masked_softmax_fwd_kernel(const T* __restrict__ x, const M* __re
   const int64_t base = active ? team.row * n : 0;
   const int64_t mbase = active ? mi.offset(team.row) : 0;
   const int64_t valid = !active ? 0 : (causal ? (team.row % lq + 1 < n ? team.row % lq + 1 : n) : n);
+  constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
+  if (row_fits_regs<T, kWarp>(n, team.size) && aligned16(x) && aligned16(y)) {  // uniform per launch
+    // The row in registers: x read once (16-byte loads), the mask once, y written once; c holds
+    // the masked scores, -inf where hidden (causal, mask) and past the row's end.
+    float c[kChunks][kV];
+    float mx = -INFINITY, nans = 0.f;
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
+      if (active && j0 < n) load_chunk(x + base + j0, c[k]);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) {
+        float s = -INFINITY;
+        if (active && j0 + i < valid) {
+          s = apply_mask(c[k][i] * scale, mask, mbase + (j0 + i) * mi.col_stride);
+          if (s != s) nans += 1.f;  // fmaxf drops NaN: count them apart
+          else mx = fmaxf(mx, s);
+        }
+        c[k][i] = s;
+      }
+    }
+    mx = team.max(mx);
+    if (team.sum(nans) > 0.f) mx = NAN;  // as below: the row is NaN at its visible positions
+    float acc = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k)
+#pragma unroll
+        for (int i = 0; i < kV; ++i) acc += c[k][i] == -INFINITY ? 0.f : expf(c[k][i] - mx);
+    }
+    const float total = team.sum(acc);
+    const float inv = (total > 0.f || total != total) ? 1.f / total : 0.f;
+    if (active) {
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+        const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
+        if (j0 >= n) continue;
+        float o[kV];
+#pragma unroll
+        for (int i = 0; i < kV; ++i)
+          o[i] = (c[k][i] == -INFINITY || mx == -INFINITY) ? 0.f : (mx != mx ? NAN : expf(c[k][i] - mx) * inv);
+        store_chunk<T, kV>(y + base + j0, o);
+      }
+    }
+    return;  // uniform: the whole team took this path, past its last barrier
+  }
   float mx = -INFINITY, nans = 0.f;
   for (int64_t j = team.tid; j < valid; j += team.size) {
     const float s = apply_mask(load_float(x[base + j]) * scale, mask, mbase + j * mi.col_stride);
@@ -72,6 +120,36 @@ __global__ void masked_softmax_bwd_kernel(const T* __restrict__ dy, const T* __r
   RowTeam<kWarp> team(scratch);
   const bool active = team.row < rows;
   const int64_t base = active ? team.row * n : 0;
+  constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
+  if (row_fits_regs<T, kWarp>(n, team.size) && aligned16(dy) && aligned16(y) && aligned16(dx)) {
+    // y and dy read once into registers (16-byte loads), dx written once; same rules as below.
+    float yc[kChunks][kV], gc[kChunks][kV];
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
+      if (active && j0 < n) {
+        load_chunk(y + base + j0, yc[k]);
+        load_chunk(dy + base + j0, gc[k]);
+#pragma unroll
+        for (int i = 0; i < kV; ++i)
+          if (yc[k][i] != 0.f) acc += gc[k][i] * yc[k][i];
+      }
+    }
+    const float dot = team.sum(acc);
+    if (active) {
+#pragma unroll
+      for (int k = 0; k < kChunks; ++k) {
+        const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
+        if (j0 >= n) continue;
+        float o[kV];
+#pragma unroll
+        for (int i = 0; i < kV; ++i) o[i] = yc[k][i] != 0.f ? scale * yc[k][i] * (gc[k][i] - dot) : 0.f;
+        store_chunk<T, kV>(dx + base + j0, o);
+      }
+    }
+    return;  // uniform: the whole team took this path, past its last barrier
+  }
   float acc = 0.f;
   // A probability of exactly zero (a hidden key, a fully masked row) contributes nothing: its
   // dy is not read into the dot, even a NaN, and its dx is 0 (pyllm's non-finite rule).

@@ -282,10 +282,11 @@ def render(rows: list[dict], secs: float) -> str:
     return "\n".join(out)
 
 
-def write_section(path: str, section: str) -> None:
+def write_section(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the text between the markers `begin` and `end` (appends the section if absent)."""
     text = open(path).read() if os.path.exists(path) else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     with open(path, "w") as f:
@@ -300,7 +301,16 @@ def main(args) -> int:
         return 1
     section = render(rows, secs)
     print(section)
+    from . import gpu_model_norms
+
+    try:
+        norms = gpu_model_norms.report(tuple(a.strip() for a in args.archs.split(",")))
+    except RuntimeError as e:
+        print(f"gpu-model: {e}", file=sys.stderr)
+        return 1
+    print(norms)
     if args.write:
         write_section(args.write, section)
-        print(f"[gpu-model] wrote the generated section of {args.write}")
+        write_section(args.write, norms, gpu_model_norms.BEGIN, gpu_model_norms.END)
+        print(f"[gpu-model] wrote the generated sections of {args.write}")
     return 0
