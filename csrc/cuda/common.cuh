@@ -147,4 +147,19 @@ __device__ __forceinline__ void store_chunk(T* p, const float* in) {
   }
 }
 
+// Writes this thread's chunks of a row held in registers with 16-byte stores: value(k, i, j) is
+// element i of chunk k (element j of the row); chunks past the row's end are skipped.
+template <typename TO, int kV, int kChunks, typename F>
+__device__ __forceinline__ void store_row_regs(TO* row, int64_t n, int tid, int size, const F& value) {
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t j0 = chunk_start(tid, size, k, kV);
+    if (j0 >= n) continue;
+    float o[kV];
+#pragma unroll
+    for (int i = 0; i < kV; ++i) o[i] = value(k, i, j0 + i);
+    store_chunk<TO, kV>(row + j0, o);
+  }
+}
+
 }  // namespace pyllm

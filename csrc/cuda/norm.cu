@@ -97,20 +97,12 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
         }
     const float rstd = rsqrtf(team.sum(acc) / (float)n + eps);
     if (active) {
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-        const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
-        if (j0 >= n) continue;
-        float o[kV];
-#pragma unroll
-        for (int i = 0; i < kV; ++i) {
-          float v = (c[k][i] - mean) * rstd;
-          if (w) v *= w[j0 + i];
-          if (b) v += b[j0 + i];
-          o[i] = v;
-        }
-        store_chunk<T, kV>(y + base + j0, o);
-      }
+      store_row_regs<T, kV, kChunks>(y + base, n, team.tid, team.size, [&](int k, int i, int64_t j) {
+        float v = (c[k][i] - mean) * rstd;
+        if (w) v *= w[j];
+        if (b) v += b[j];
+        return v;
+      });
       if (team.tid == 0) {
         mean_out[team.row] = mean;
         rstd_out[team.row] = rstd;
@@ -242,19 +234,10 @@ __global__ void rms_norm_fwd_kernel(const TI* __restrict__ x, const TI* __restri
     }
     const float rstd = rsqrtf(team.sum(acc) / (float)n + eps);
     if (active) {
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-        const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
-        if (j0 >= n) continue;
-        float o[kV];
-#pragma unroll
-        for (int i = 0; i < kV; ++i) {
-          float v = round_as(c[k][i] * rstd, rmode);
-          if (w) v *= (w[j0 + i] + offset);
-          o[i] = v;
-        }
-        store_chunk<TO, kV>(y + base + j0, o);
-      }
+      store_row_regs<TO, kV, kChunks>(y + base, n, team.tid, team.size, [&](int k, int i, int64_t j) {
+        const float v = round_as(c[k][i] * rstd, rmode);
+        return w ? v * (w[j] + offset) : v;
+      });
       if (team.tid == 0) rstd_out[team.row] = rstd;
     }
     return;  // uniform: every thread of the team took this path, past its last barrier

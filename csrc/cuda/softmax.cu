@@ -67,18 +67,10 @@ __global__ void masked_softmax_fwd_kernel(const T* __restrict__ x, const M* __re
     }
     const float total = team.sum(acc);
     const float inv = (total > 0.f || total != total) ? 1.f / total : 0.f;
-    if (active) {
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-        const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
-        if (j0 >= n) continue;
-        float o[kV];
-#pragma unroll
-        for (int i = 0; i < kV; ++i)
-          o[i] = (c[k][i] == -INFINITY || mx == -INFINITY) ? 0.f : (mx != mx ? NAN : expf(c[k][i] - mx) * inv);
-        store_chunk<T, kV>(y + base + j0, o);
-      }
-    }
+    if (active)
+      store_row_regs<T, kV, kChunks>(y + base, n, team.tid, team.size, [&](int k, int i, int64_t) {
+        return (c[k][i] == -INFINITY || mx == -INFINITY) ? 0.f : (mx != mx ? NAN : expf(c[k][i] - mx) * inv);
+      });
     return;  // uniform: the whole team took this path, past its last barrier
   }
   float mx = -INFINITY, nans = 0.f;
@@ -137,17 +129,10 @@ __global__ void masked_softmax_bwd_kernel(const T* __restrict__ dy, const T* __r
       }
     }
     const float dot = team.sum(acc);
-    if (active) {
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k) {
-        const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
-        if (j0 >= n) continue;
-        float o[kV];
-#pragma unroll
-        for (int i = 0; i < kV; ++i) o[i] = yc[k][i] != 0.f ? scale * yc[k][i] * (gc[k][i] - dot) : 0.f;
-        store_chunk<T, kV>(dx + base + j0, o);
-      }
-    }
+    if (active)
+      store_row_regs<T, kV, kChunks>(dx + base, n, team.tid, team.size, [&](int k, int i, int64_t) {
+        return yc[k][i] != 0.f ? scale * yc[k][i] * (gc[k][i] - dot) : 0.f;
+      });
     return;  // uniform: the whole team took this path, past its last barrier
   }
   float acc = 0.f;

@@ -32,6 +32,17 @@ def check_same_device(t, name: str, ref_t, ref_name: str = "input") -> None:
                          "move them to the same device")
 
 
+def check_residual(residual, input) -> None:
+    """A residual of the fused add + norm ops: a float tensor of input's shape, dtype and device."""
+    check_float(residual, "residual")
+    check_same_device(residual, "residual", input)
+    if residual.shape != input.shape:
+        raise ValueError(f"pyllm: residual must have the input's shape {list(input.shape)}, "
+                         f"got {list(residual.shape)} (no broadcasting)")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"pyllm: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+
+
 def check_number(v, name: str, allow_none: bool = False) -> None:
     if v is None and allow_none:
         return

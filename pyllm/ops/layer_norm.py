@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import (check_eps, check_float, check_param, check_same_device, check_writable, empty, flat,
+from ._common import (check_eps, check_float, check_param, check_residual, check_writable, empty, flat,
                       flat_param, fmt_shape, normalized, param_grad, run)
 
 LIMITS = Limits(notes="any width; fp32 accumulation (fp64 mean) for every dtype")
@@ -75,13 +75,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
 def _check_add(input, residual, normalized_shape, weight, bias, eps) -> tuple:
     """The argument checks of add_layer_norm and add_layer_norm_; returns the normalized shape."""
     check_float(input, "input")
-    check_float(residual, "residual")
-    check_same_device(residual, "residual", input)
-    if residual.shape != input.shape:
-        raise ValueError(f"pyllm: residual must have the input's shape {list(input.shape)}, "
-                         f"got {list(residual.shape)} (no broadcasting)")
-    if residual.dtype != input.dtype:
-        raise TypeError(f"pyllm: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+    check_residual(residual, input)
     shape = normalized(input, normalized_shape)
     check_param(weight, "weight", input, shape)
     check_param(bias, "bias", input, shape)

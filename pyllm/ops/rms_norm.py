@@ -12,7 +12,7 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import (check_eps, check_float, check_param, check_same_device, empty, flat, flat_param, fmt_shape,
+from ._common import (check_eps, check_float, check_param, check_residual, empty, flat, flat_param, fmt_shape,
                       normalized, param_grad, run)
 
 STYLES = ("torch", "llama", "t5", "gemma")
@@ -119,13 +119,7 @@ def add_rms_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: 
     ``style`` and ``eps`` as :func:`rms_norm`.
     """
     check_float(input, "input")
-    check_float(residual, "residual")
-    check_same_device(residual, "residual", input)
-    if residual.shape != input.shape:
-        raise ValueError(f"pyllm: residual must have the input's shape {list(input.shape)}, "
-                         f"got {list(residual.shape)} (no broadcasting)")
-    if residual.dtype != input.dtype:
-        raise TypeError(f"pyllm: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+    check_residual(residual, input)
     shape = normalized(input, normalized_shape)
     check_param(weight, "weight", input, shape)
     check_eps(eps, allow_none=True)
