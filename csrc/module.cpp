@@ -6,6 +6,7 @@
 #include "emu.h"
 namespace pyllm::emu {
 std::vector<std::vector<int64_t>> attention_tc_configs();  // csrc/cuda/attention_tc.cu
+std::vector<std::vector<int64_t>> attention_tc_bwd_configs();  // csrc/cuda/attention_tc_bwd.cu
 int attention_tc_last_splits();
 int64_t attention_tc_last_ctas();
 std::vector<int64_t> norm_row_plan(int64_t n, int64_t elem_bytes);  // csrc/cuda/norm.cu
@@ -41,6 +42,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_tc_configs", &pyllm::emu::attention_tc_configs,
         "per head-dim instantiation of the tensor-core attention forward: [head_dim, block_m, block_n, threads, "
         "smem_bytes, q_in_regs, smem_pitch_chunks, xor_swizzle]");
+  m.def("attention_tc_bwd_configs", &pyllm::emu::attention_tc_bwd_configs,
+        "per head-dim instantiation of the tensor-core attention backward: [head_dim, keys_per_cta, "
+        "queries_per_step, threads, smem_bytes]");
+  m.def(
+      "set_order",
+      [](std::optional<std::string> order) { pyllm_emu::set_order(order ? order->c_str() : nullptr); },
+      py::arg("order"),
+      "emulated block order for the following launches: 'forward', 'reverse' or 'random[:seed]'; None: "
+      "PYLLM_EMU_ORDER again");
   m.def("attention_tc_last_splits", &pyllm::emu::attention_tc_last_splits,
         "key splits (flash-decoding CTAs per query tile) of the last tensor-core attention forward");
   m.def("norm_row_plan", &pyllm::emu::norm_row_plan, py::arg("n"), py::arg("elem_bytes"),

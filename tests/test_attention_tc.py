@@ -326,3 +326,195 @@ def test_dispatch_and_simt_switch(monkeypatch):
     ref, _, base = oracle(q, k, v, None, False, "top_left", None, 64 ** -0.5)
     assert_close_to_ref(b, ref, base, name="simt")
     assert_close_to_ref(a, ref, base, name="tensor cores")
+
+
+# ------------------------------------------------------------------------- backward
+# fp16/bf16 with head dims <= 128: attention_backward runs the tensor-core backward
+# (csrc/cuda/attention_tc_bwd.cu); gradients are judged by the shared rule at 3x torch's error.
+def run_tc_bwd(go, q, k, v, out, lse, mask=None, scale=None, causal=False, bottom_right=False, window=(-1, -1),
+               dropout_p=0.0, seed=0, alibi=None, mask_grad=False, expect_tc=True):
+    """torch.ops.pyllm_emu.attention_backward with the ldmatrix counter read around it."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    emu().ldmatrix_bank_stats(True)
+    grads = torch.ops.pyllm_emu.attention_backward(go, q, k, v, mask, out, lse, scale, causal, bottom_right,
+                                                   window[0], window[1], dropout_p, seed, mask_grad, alibi)
+    phases, extra = emu().ldmatrix_bank_stats(True)
+    if expect_tc:
+        assert phases > 0, "the tensor-core backward did not run (no ldmatrix)"
+        assert extra == 0, f"{extra} extra shared-memory wavefronts from ldmatrix bank conflicts ({phases} phases)"
+    else:
+        assert phases == 0, "the tensor-core backward ran where the SIMT kernels should"
+    return grads
+
+
+def composite(q, k, v, mask, keep, scale, z=None, p=0.0):
+    """Attention from torch ops in q's dtype (GQA by repeat_interleave, dropout keep mask z)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    if keep is not None:
+        s = s.masked_fill(~keep, -math.inf)
+    dead = (s == -math.inf).all(-1, keepdim=True)
+    pr = s.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
+    if z is not None:
+        pr = pr * z / (1 - p)
+    return pr @ v
+
+
+def check_bwd(q, k, v, mask=None, causal=False, alignment="top_left", window=None, what="", dropout=None,
+              alibi_bias=None, alibi=None, expect_tc=True):
+    """Forward (emulated tensor cores) then backward; dq, dk, dv (and the additive mask's
+    gradient) against fp64 autograd, within 3x torch's same-dtype error."""
+    scale = q.shape[-1] ** -0.5
+    w = window or (-1, -1)
+    gen = torch.Generator().manual_seed(q.shape[-2] * 7 + k.shape[-2])
+    p, seed = dropout or (0.0, 0)
+    out, lse = run_tc(q, k, v, mask, scale, causal, alignment == "bottom_right", w, p, seed, alibi)
+    go = torch.randn(out.shape, generator=gen).to(q.dtype)
+    mask_grad = mask is not None and mask.dtype != torch.bool
+    dq, dk, dv, dm = run_tc_bwd(go, q, k, v, out, lse, mask, scale, causal, alignment == "bottom_right", w, p, seed,
+                                alibi, mask_grad, expect_tc)
+    z = None
+    if p > 0:  # the keep mask of (row, key), from the native CPU kernel's identical counter hash
+        eye = torch.eye(k.shape[-2]).expand(q.shape[0], q.shape[1], -1, -1)
+        zq = torch.zeros(q.shape[:-1] + (4,))
+        zk = torch.zeros(q.shape[0], q.shape[1], k.shape[-2], 4)
+        z = torch.ops.pyllm.attention(zq, zk, eye, None, 1.0, False, False, -1, -1, p, seed, None)[0] != 0
+    keep = keep_mask(q.shape[-2], k.shape[-2], causal, alignment, window)
+    madd = mask if alibi_bias is None else alibi_bias
+
+    def grads(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        m = madd
+        if m is not None and m.dtype != torch.bool:
+            m = m.detach().to(dtype).requires_grad_(mask_grad)
+        o = composite(*leaves, m, keep, scale, z, p)
+        o.backward(go.to(dtype))
+        return [t.grad for t in leaves] + ([m.grad] if mask_grad else [])
+
+    exact, theirs = grads(torch.float64), grads(q.dtype)
+    ours = [dq, dk, dv] + ([dm.sum_to_size(mask.shape)] if mask_grad else [])  # the op's dS is [B, Hq, Lq, Lk]
+    for name, o, t, e in zip(["dq", "dk", "dv", "dmask"], ours, theirs, exact):
+        assert o.shape == e.shape, f"{name} shape {what}"
+        if name != "dmask":
+            assert o.dtype == q.dtype, f"{name} dtype {what}"
+        assert_close_to_ref(o.to(t.dtype) if name == "dmask" else o, e, t, mult=3.0, name=f"{name} {what}")
+    return dq, dk, dv
+
+
+BWD_HEAD_DIMS = [32, 64, 80, 128]  # 32 -> the 64 instantiation, 80 -> 128
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("d", BWD_HEAD_DIMS)
+@pytest.mark.parametrize("lq,lk", [(1, 5), (65, 127), (97, 33)])
+def test_bwd_head_dims(d, lq, lk, dtype):
+    gen = torch.Generator().manual_seed(d + lq + lk)
+    q, k, v = (rnd((2, 2, n, d), dtype, gen) for n in (lq, lk, lk))
+    check_bwd(q, k, v, what=f"d={d} {lq}x{lk}")
+
+
+@pytest.mark.parametrize("lq,window", [(1, (-1, -1)), (70, (0, 0))])
+def test_bwd_single_key(lq, window):
+    """One visible key per query (one key, or a (0, 0) window): P = 1, so dq = dk = 0 exactly in exact arithmetic (dS = dP - delta with delta = dP).
+    The kernel's dP (fp32 tensor-core sums) and delta (fp64 from the rounded output) differ by
+    fp32 rounding, so the zeros are zeros to fp32 precision of |dO| |V|; dv = dO exactly."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (rnd((1, 2, lq, 64), torch.float16, gen) for _ in range(3))
+    out, lse = run_tc(q, k, v, window=window)
+    go = torch.randn(out.shape, generator=gen).to(torch.float16)
+    dq, dk, dv, _ = run_tc_bwd(go, q, k, v, out, lse, window=window)
+    bound = 64 * torch.finfo(torch.float32).eps * (go.float().abs() * v.float().abs()).sum(-1).max().item()
+    assert dq.abs().max().item() <= bound and dk.abs().max().item() <= bound
+    assert torch.equal(dv, go)
+
+
+@pytest.mark.parametrize("d,dv", [(64, 32), (40, 120)])
+def test_bwd_different_v_head_dim(d, dv):
+    gen = torch.Generator().manual_seed(d + dv)
+    q, k = (rnd((1, 2, n, d), torch.float16, gen) for n in (50, 70))
+    v = rnd((1, 2, 70, dv), torch.float16, gen)
+    check_bwd(q, k, v, causal=True, what=f"d={d} dv={dv}")
+
+
+@pytest.mark.parametrize("causal,alignment,window", [(True, "top_left", None), (True, "bottom_right", None),
+                                                      (False, "top_left", (16, 16)),
+                                                      (True, "bottom_right", (70, 1)),
+                                                      (False, "top_left", (1, 0))])
+@pytest.mark.parametrize("lq,lk", [(130, 130), (40, 200), (200, 40)])
+def test_bwd_causal_and_windows(causal, alignment, window, lq, lk):
+    gen = torch.Generator().manual_seed(lq * 3 + lk)
+    q, k, v = (rnd((1, 2, n, 64), torch.bfloat16, gen) for n in (lq, lk, lk))
+    check_bwd(q, k, v, causal=causal, alignment=alignment, window=window, what=f"{causal} {alignment} {window}")
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 1), (4, 2)])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_bwd_gqa(hq, hkv, dtype):
+    gen = torch.Generator().manual_seed(hq + hkv)
+    q = rnd((2, hq, 65, 64), dtype, gen)
+    k, v = rnd((2, hkv, 127, 64), dtype, gen), rnd((2, hkv, 127, 64), dtype, gen)
+    check_bwd(q, k, v, causal=True, alignment="bottom_right", what=f"gqa {hq}:{hkv}")
+
+
+@pytest.mark.parametrize("kind", ["bool_pad", "bool_strided", "bool_dead_rows", "t5_bias", "t5_bias_pad",
+                                  "add_strided"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_bwd_masks(kind, dtype):
+    """Bool masks, fully masked rows (zero gradients), additive masks with their gradient."""
+    gen = torch.Generator().manual_seed(len(kind) + 3)
+    b, h, lq, lk = 2, 2, 70, 97
+    q, k, v = (rnd((b, h, n, 96), dtype, gen) for n in (lq, lk, lk))
+    mask = masks(b, h, lq, lk, dtype, gen)[kind]
+    check_bwd(q, k, v, mask=mask, what=kind)
+    check_bwd(q, k, v, mask=mask, causal=True, alignment="bottom_right", what=f"{kind} causal")
+
+
+@pytest.mark.skipif(not _ext.HAS_C, reason=f"takes the dropout keep mask from the native CPU kernel ({_ext.C_ERROR})")
+def test_bwd_alibi_and_dropout():
+    gen = torch.Generator().manual_seed(21)
+    b, h, lq, lk = 1, 4, 37, 90
+    q, k, v = (rnd((b, h, n, 64), torch.float16, gen) for n in (lq, lk, lk))
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(h)])
+    dist = ((torch.arange(lq).view(-1, 1) + lk - lq) - torch.arange(lk).view(1, -1)).abs()
+    bias = -slopes.view(h, 1, 1) * dist
+    check_bwd(q, k, v, causal=True, alignment="bottom_right", alibi=slopes, alibi_bias=bias, what="alibi")
+    check_bwd(q, k, v, dropout=(0.25, 99), what="dropout")
+    check_bwd(q, k, v, causal=True, dropout=(0.5, 7), what="dropout causal")
+
+
+@pytest.mark.parametrize("layout", ["blhd", "sliced", "misaligned"])
+def test_bwd_noncontiguous_inputs(layout):
+    gen = torch.Generator().manual_seed(len(layout) + 1)
+    q, k, v = (rnd((2, 3, n, 64), torch.bfloat16, gen, layout) for n in (65, 100, 100))
+    check_bwd(q, k, v, causal=True, what=layout)
+
+
+def test_bwd_large_head_dims_keep_simt():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (rnd((1, 2, n, 160), torch.float16, gen) for n in (20, 30, 30))
+    check_bwd(q, k, v, what="d=160 (SIMT backward)", expect_tc=False)
+
+
+def test_bwd_deterministic_mode_bit_identical():
+    """torch.use_deterministic_algorithms(True): dQ from the SIMT dq kernel (no atomics): the
+    gradients are bit-identical across runs and across the emulator's block orders, and right."""
+    gen = torch.Generator().manual_seed(8)
+    q = rnd((2, 4, 97, 64), torch.bfloat16, gen)
+    k, v = rnd((2, 2, 150, 64), torch.bfloat16, gen), rnd((2, 2, 150, 64), torch.bfloat16, gen)
+    mask = masks(2, 4, 97, 150, torch.bfloat16, gen)["t5_bias_pad"]
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for order in ("forward", "reverse", "random:5"):
+            emu().set_order(order)
+            runs.append(check_bwd(q, k, v, mask=mask, causal=True, what=f"deterministic {order}"))
+    finally:
+        emu().set_order(None)
+        torch.use_deterministic_algorithms(prev)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b), "deterministic gradients differ between block orders"

@@ -76,6 +76,7 @@ def test_attn_bench_runs_on_cpu():
     rows = attn_bench.run("cpu", quick=True, dtypes=("float32",), reps=1)
     assert {r["kind"] for r in rows} == {"prefill", "decode"}
     assert all(r["ours_tflops"] > 0 and r["sdpa_tflops"] > 0 for r in rows)
+    assert all(r["ours_fb_tflops"] > 0 and r["sdpa_fb_tflops"] > 0 for r in rows if r["kind"] == "prefill")
     text = attn_bench.render(rows)
     assert text.count("\n| float32 |") == len(rows)
     assert attn_bench.flops(1, 2, 8, 8, 4, causal=True) == 4 * 2 * 8 * 8 * 4 / 2
@@ -130,3 +131,47 @@ def test_norm_model_bandwidth_estimates():
     assert text.startswith(m.BEGIN) and text.endswith(m.END)
     assert "| layer_norm_fwd_kernel (add_layer_norm) | sm_90 | 56 / 32 | 56 / 32 | 0 |" in text
     assert "| A100 SXM4 80GB | add_rms_norm | bf16 | 8192 | registers | 1024 | 2048 |" in text
+
+
+# ------------------------------------------------------------------------------ backward model
+BWD_PTXAS = """\
+ptxas info    : Compiling entry function '_ZN5pyllm4cuda12_GLOBAL__N_118attn_tc_bwd_kernelI6__halfLi64EEEvNS1_11TcBwdParamsE' for 'sm_80'
+ptxas info    : Function properties for _ZN5pyllm4cuda12_GLOBAL__N_118attn_tc_bwd_kernelI6__halfLi64EEEvNS1_11TcBwdParamsE
+    32 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 228 registers, used 1 barriers, 856 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN5pyllm4cuda12_GLOBAL__N_118attn_tc_bwd_kernelI13__nv_bfloat16Li64EEEvNS1_11TcBwdParamsE' for 'sm_80'
+ptxas info    : Function properties for _ZN5pyllm4cuda12_GLOBAL__N_118attn_tc_bwd_kernelI13__nv_bfloat16Li64EEEvNS1_11TcBwdParamsE
+    32 bytes stack frame, 4 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 230 registers, used 1 barriers, 856 bytes cmem[0]
+"""
+
+
+def test_bwd_step_work_counts_the_kernel_loops():
+    from pyllm.tools import gpu_model_bwd as m
+
+    c = {"head_dim": 64, "keys": 64, "queries": 32, "threads": 128, "smem": 40 * 1024}
+    w = m.step_work(c)
+    # five products of 64 keys x 32 queries x 64: 5 x (4 x 4 x 4) m16n8k16
+    assert w["mma"] == 5 * (64 // 16) * (32 // 8) * (64 // 16)
+    assert w["flops"] == 5 * 2 * 64 * 32 * 64
+    # per warp: S^T/dP^T 4 k-steps x (K + V + 2 x (Q + dO)); dV/dK 2 x 4 x 2; dQ: 4 key steps x (dS A
+    # + 2 K B) per warp (2 row blocks x 2 column halves)
+    assert w["ldsm_bytes"] == (4 * 4 * (2 + 2 * 2) + 4 * 2 * 4 * 2 + 4 * 4 * (1 + 2)) * 512
+    assert w["atomics"] == 32 * 64 and w["exps"] == 64 * 32 and w["cp_bytes"] == 2 * 32 * 64 * 2
+
+
+@pytest.mark.skipif(not _ext.HAS_EMU, reason=f"reads the tile configs from pyllm._C_emu ({_ext.C_EMU_ERROR})")
+def test_bwd_model_renders_from_the_kernel_configs():
+    from pyllm.tools import gpu_model_bwd as m
+
+    cfgs = {c["head_dim"]: c for c in m.configs()}
+    assert sorted(cfgs) == [64, 128] and all(c["keys"] == 64 and c["threads"] == 128 for c in cfgs.values())
+    for d, c in cfgs.items():
+        assert c["smem"] <= 99 * 1024, f"head dim {d}: two CTAs per A100 SM need <= ~80 KiB each"
+    rows = gpu_model.parse_ptxas(BWD_PTXAS)
+    text = m.render(rows, 1.0)
+    assert text.startswith(m.BEGIN) and text.endswith(m.END)
+    assert "| 64 | 64 x 32 |" in text and "| 228 / 230 | 0 / 12 |" in text
+    e = m.estimate(cfgs[64], 230, gpu_model.GPUS[0])
+    f = m.estimate(m.FA2_BWD_TILES[64], 255, gpu_model.GPUS[0])
+    assert e["ctas"] >= 1 and f["ctas"] >= 1 and 0 < e["tflops"] < 312 and 0 < f["tflops"] < 312

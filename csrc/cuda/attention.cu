@@ -434,25 +434,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const bool want_dmask = mask_grad && m.defined() && m.scalar_type() != at::kBool;
   at::Tensor dmask = want_dmask ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, fopt) : at::empty({0}, fopt);
   if (p.B * p.Hq * p.Lq > 0 && p.Lk > 0) {
+    // fp16/bf16 with head dims <= 128: dK, dV (and dQ by atomics) on tensor cores. Deterministic
+    // mode (torch.use_deterministic_algorithms) takes dQ, and the mask's gradient, from the SIMT
+    // dq kernel instead: one warp per query row, a fixed summation order.
+    const bool tc = attention_tc_bwd_eligible(query, value);
+    const bool det = tc && at::globalContext().deterministicAlgorithms();
+    if (tc) {
+      at::Tensor dq_acc = det ? at::Tensor() : dq;
+      at::Tensor dm_tc = det ? at::Tensor() : dmask;
+      attention_tc_backward(q, k, v, grad_out.to(query.scalar_type()), lse_c, delta, TcAttnArgs{m, p, p.scale},
+                            dq_acc, dk, dv, dm_tc);
+      if (!det) dq.mul_(p.scale);
+    }
     const int64_t qblocks = p.B * p.Hq * ((p.Lq + kWarps - 1) / kWarps);
     const int64_t kblocks = p.B * p.Hkv * ((p.Lk + kWarps - 1) / kWarps);
     const size_t smem_dq = sizeof(float) * (kWarps * (p.D + p.Dv) + p.tile * (p.D + 1) + p.tile * (p.Dv + 1));
     const size_t smem_dkv = sizeof(float) * (kWarps * (p.D + p.Dv) + p.tile * (p.D + 1) + p.tile * (p.Dv + 1) + 2 * p.tile);
-    PYLLM_DISPATCH_FLOATING(query.scalar_type(), "pyllm_attention_bwd_cuda", [&] {
-      using T = typename CudaType<scalar_t>::type;
-      with_mask(m, [&](auto mp) {
-        using M = std::remove_const_t<std::remove_pointer_t<decltype(mp)>>;
-        auto kq = attn_bwd_dq_kernel<T, M>;
-        PYLLM_LAUNCH(kq, (unsigned)qblocks, kWarps * kWarpSize, smem_dq, PYLLM_STREAM(), cuda_ptr<scalar_t>(q),
-                     cuda_ptr<scalar_t>(k), cuda_ptr<scalar_t>(v), mp, dout.data_ptr<float>(),
-                     lse_c.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
-                     want_dmask ? dmask.data_ptr<float>() : nullptr, p);
-        auto kkv = attn_bwd_dkv_kernel<T, M>;
-        PYLLM_LAUNCH(kkv, (unsigned)kblocks, kWarps * kWarpSize, smem_dkv, PYLLM_STREAM(), cuda_ptr<scalar_t>(q),
-                     cuda_ptr<scalar_t>(k), cuda_ptr<scalar_t>(v), mp, dout.data_ptr<float>(),
-                     lse_c.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), p);
+    if (!tc || det) {
+      PYLLM_DISPATCH_FLOATING(query.scalar_type(), "pyllm_attention_bwd_cuda", [&] {
+        using T = typename CudaType<scalar_t>::type;
+        with_mask(m, [&](auto mp) {
+          using M = std::remove_const_t<std::remove_pointer_t<decltype(mp)>>;
+          auto kq = attn_bwd_dq_kernel<T, M>;
+          PYLLM_LAUNCH(kq, (unsigned)qblocks, kWarps * kWarpSize, smem_dq, PYLLM_STREAM(), cuda_ptr<scalar_t>(q),
+                       cuda_ptr<scalar_t>(k), cuda_ptr<scalar_t>(v), mp, dout.data_ptr<float>(),
+                       lse_c.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
+                       want_dmask ? dmask.data_ptr<float>() : nullptr, p);
+          if (tc) return;
+          auto kkv = attn_bwd_dkv_kernel<T, M>;
+          PYLLM_LAUNCH(kkv, (unsigned)kblocks, kWarps * kWarpSize, smem_dkv, PYLLM_STREAM(), cuda_ptr<scalar_t>(q),
+                       cuda_ptr<scalar_t>(k), cuda_ptr<scalar_t>(v), mp, dout.data_ptr<float>(),
+                       lse_c.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<float>(),
+                       dv.data_ptr<float>(), p);
+        });
       });
-    });
+    }
   }
   const auto dt = query.scalar_type();
   if (dt != at::kFloat) {

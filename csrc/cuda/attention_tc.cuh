@@ -38,9 +38,35 @@ int attention_tc_last_splits();
 // CTAs per key split of that launch (B x heads x query tiles; heads are kv heads when packed).
 int64_t attention_tc_last_ctas();
 
+// A view of q / k / v (or dO) the tensor-core kernels can read with 16-byte cp.async: last dim
+// contiguous and a multiple of 8 (zero-padded copy otherwise), 16-byte aligned strides.
+at::Tensor tc_operand(const at::Tensor& t);
+
 // Writes out [B, Hq, Lq, Dv] (q's dtype, contiguous) and lse [B, Hq, Lq] (fp32).
 void attention_tc_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const TcAttnArgs& a,
                           at::Tensor& out, at::Tensor& lse);
+
+// ---- backward (attention_tc_bwd.cu)
+// Largest head dim (of q/k and of v) the tensor-core backward serves; above, the SIMT kernels.
+constexpr int64_t kTcBwdMaxHeadDim = 128;
+
+// True when attention_tc_backward serves these inputs (attention_tc_eligible and head dims <= 128).
+bool attention_tc_bwd_eligible(const at::Tensor& q, const at::Tensor& v);
+
+// The padded head dim (template instantiation, 64 or 128) of the backward; 0 if none.
+int attention_tc_bwd_head_dim(int64_t d, int64_t dv);
+
+// One row per backward instantiation: {head dim, keys per CTA, queries per step, threads per CTA,
+// dynamic shared memory bytes}.
+std::vector<std::vector<int64_t>> attention_tc_bwd_configs();
+
+// Adds dQ (unscaled: the caller multiplies by the softmax scale) into dq (fp32 [B, Hq, Lq, D],
+// zeroed; undefined: not computed, deterministic mode), writes dk / dv (fp32 [B, Hkv, Lk, D / Dv])
+// and, when dmask is defined and non-empty, dS into dmask (fp32 [B, Hq, Lq, Lk], zeroed).
+// grad_out is the output's gradient in q's dtype; lse and delta = rowsum(dO * O) fp32 [B, Hq, Lq].
+void attention_tc_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
+                           const at::Tensor& lse, const at::Tensor& delta, const TcAttnArgs& a, at::Tensor& dq,
+                           at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask);
 
 }  // namespace PYLLM_CUDA_NS
 }  // namespace pyllm

@@ -1,4 +1,4 @@
-"""Attention forward and decode throughput vs torch SDPA (flash backend) and flash-attn, in TFLOP/s.
+"""Attention forward, forward + backward (prefill) and decode throughput vs torch SDPA (flash backend) and flash-attn, in TFLOP/s.
 
 Run by ``python -m pyllm gpu-check`` (stage ``attention``) on a GPU machine; ``--device cpu --quick``
 runs the same code on tiny shapes (a test keeps it from rotting; CPU numbers mean nothing here).
@@ -120,6 +120,23 @@ def run(device: str = "cuda", quick: bool = False, dtypes=("float16", "bfloat16"
                 qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
                 t_fa = timeit(lambda: flash_attn_func(qt, kt, vt, causal=c["causal"]), dev, reps)
                 row.update(fa_ms=t_fa * 1e3, fa_tflops=fl / t_fa / 1e12)
+            if c["kind"] == "prefill":  # training step: forward + backward (FA2's count: 3.5 x the forward's FLOPs)
+                go = torch.randn(q.shape, generator=g).to(dev, dt)
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+                def train(fn):
+                    def step():
+                        for t in leaves:
+                            t.grad = None
+                        fn(*leaves).backward(go)
+                    return step
+
+                t_ob = timeit(train(lambda q_, k_, v_: PF.scaled_dot_product_attention(
+                    q_, k_, v_, is_causal=c["causal"], causal_alignment=align, enable_gqa=gqa)), dev, reps)
+                t_sb = timeit(train(lambda q_, k_, v_: torch.nn.functional.scaled_dot_product_attention(
+                    q_, k_, v_, is_causal=c["causal"], enable_gqa=gqa)), dev, reps)
+                row.update(ours_fb_ms=t_ob * 1e3, ours_fb_tflops=3.5 * fl / t_ob / 1e12,
+                           sdpa_fb_tflops=3.5 * fl / t_sb / 1e12, fb_speedup_vs_sdpa=t_sb / t_ob)
             if peak:
                 row["ours_pct_peak"] = 100 * row["ours_tflops"] / peak
             rows.append(row)
@@ -133,14 +150,16 @@ def render(rows: list[dict]) -> str:
     peak = peak_for(rows[0]["device"])
     out = [f"Device: {rows[0]['device']} (dense fp16 peak: {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}).", "",
            "| dtype | kind | B x H (kv) | Lq x Lk | D | causal | pyllm ms | pyllm TFLOP/s | % peak | SDPA TFLOP/s "
-           "| pyllm / SDPA speed | flash-attn TFLOP/s |",
-           "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+           "| pyllm / SDPA speed | flash-attn TFLOP/s | fwd+bwd: pyllm TFLOP/s | SDPA TFLOP/s | pyllm / SDPA speed |",
+           "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         pct = f"{r['ours_pct_peak']:.0f}%" if "ours_pct_peak" in r else "-"
         fa = f"{r['fa_tflops']:.1f}" if "fa_tflops" in r else "-"
+        fb = (f"{r['ours_fb_tflops']:.2f} | {r['sdpa_fb_tflops']:.2f} | {r['fb_speedup_vs_sdpa']:.2f}x"
+              if "ours_fb_tflops" in r else "- | - | -")
         out.append(f"| {r['dtype']} | {r['kind']} | {r['b']} x {r['h']} ({r['hkv']}) | {r['lq']} x {r['lk']} | "
                    f"{r['d']} | {r['causal']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.2f} | {pct} | "
-                   f"{r['sdpa_tflops']:.2f} | {r['speedup_vs_sdpa']:.2f}x | {fa} |")
+                   f"{r['sdpa_tflops']:.2f} | {r['speedup_vs_sdpa']:.2f}x | {fa} | {fb} |")
     return "\n".join(out)
 
 

@@ -301,16 +301,20 @@ def main(args) -> int:
         return 1
     section = render(rows, secs)
     print(section)
-    from . import gpu_model_norms
+    from . import gpu_model_bwd, gpu_model_norms
 
+    archs = tuple(a.strip() for a in args.archs.split(","))
     try:
-        norms = gpu_model_norms.report(tuple(a.strip() for a in args.archs.split(",")))
+        bwd = gpu_model_bwd.report(archs)
+        norms = gpu_model_norms.report(archs)
     except RuntimeError as e:
         print(f"gpu-model: {e}", file=sys.stderr)
         return 1
+    print(bwd)
     print(norms)
     if args.write:
         write_section(args.write, section)
+        write_section(args.write, bwd, gpu_model_bwd.BEGIN, gpu_model_bwd.END)
         write_section(args.write, norms, gpu_model_norms.BEGIN, gpu_model_norms.END)
         print(f"[gpu-model] wrote the generated sections of {args.write}")
     return 0

@@ -30,6 +30,19 @@ struct AttnGeom {
     if (wr >= 0 && p + wr + 1 < h) h = p + wr + 1;
     return h < 0 ? 0 : h;
   }
+  // The queries that see key j (0 <= j < lk) form the interval [qlo(j), qhi(j)) (lo and hi are
+  // monotone in i): the key-side view the backward's key-major tiles test against.
+  PYLLM_HOST_DEVICE int64_t qlo(int64_t j) const {
+    int64_t a = 0;
+    if (causal && j - shift > a) a = j - shift;
+    if (wr >= 0 && j - shift - wr > a) a = j - shift - wr;
+    return a > lq ? lq : a;
+  }
+  PYLLM_HOST_DEVICE int64_t qhi(int64_t j) const {
+    int64_t z = lq;
+    if (wl >= 0 && j - shift + wl + 1 < z) z = j - shift + wl + 1;
+    return z < 0 ? 0 : z;
+  }
   PYLLM_HOST_DEVICE bool bounded() const { return causal || wl >= 0 || wr >= 0; }
 };
 

@@ -1,0 +1,401 @@
+// Tensor-core attention backward for fp16/bf16, head dims <= 128 (FlashAttention-2's backward
+// design, pyllm's code). Larger head dims and fp32 keep the SIMT kernels (attention.cu).
+//
+// CTA = 4 warps = 64 keys of one (batch, kv head); warp w owns keys 16w..16w+15. The CTA loads
+// its K and V rows once and walks every query tile (kM = 32 queries at head dim <= 64, 16 above,
+// for registers) of every query head of its kv group (GQA: dK / dV summed over the group in
+// registers, deterministic). Per query tile, each warp computes, on tensor cores (m16n8k16,
+// fp32 accumulators), for its 16 keys x kM queries:
+//   S^T  = K_w Q^T                 (A: K rows from shared memory, B: Q rows)
+//   dP^T = V_w dO^T                (A: V rows, B: dO rows)
+//   P^T  = exp(S^T * scale + masks - lse), dS^T = P^T (dP^T z - delta)    (z: dropout factor)
+//   dV_w += (P^T z) dO             (A: the P^T C fragments repacked, B: dO by ldmatrix.trans)
+//   dK_w += dS^T Q                 (A: dS^T repacked, B: Q by ldmatrix.trans)
+// and stores dS^T (as T) in shared memory; then the CTA computes dQ (kM x D) += dS K for the
+// tile (A: dS by ldmatrix.trans of dS^T, B: K by ldmatrix.trans), warps split over query row
+// blocks and column halves, and adds it into an fp32 dQ buffer with atomicAdd (converted and
+// scaled on the host). Deterministic mode (torch.use_deterministic_algorithms) skips that phase
+// and the host computes dQ with the SIMT dq kernel (one warp per query row, no atomics).
+// delta = rowsum(dO * O) comes from the host (fp64 products). Masks: everything the forward
+// takes (causal / windows from AttnGeom, bool / additive masks via RowIndexer with the
+// additive mask's gradient dS written once per (row, key), ALiBi, dropout replayed from the
+// forward's counter-based hash), element by element.
+#include "common.cuh"
+#include "attention_tc.cuh"
+#include "attention_tc_tile.cuh"
+
+#include <cstring>
+
+namespace pyllm {
+namespace PYLLM_CUDA_NS {
+namespace {
+
+constexpr int kBwdKeys = 16 * kTcWarps;  // keys per CTA
+
+struct TcBwdParams : AttnFeatures {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout;                     // T, same geometry as the output
+  const float* lse;                     // [B, Hq, Lq]
+  const float* delta;                   // [B, Hq, Lq]
+  float* dq;                            // fp32 [B, Hq, Lq, D], atomics; null in deterministic mode
+  float* dk;                            // fp32 [B, Hkv, Lk, D]
+  float* dv;                            // fp32 [B, Hkv, Lk, Dv]
+  float* dmask;                         // fp32 [B, Hq, Lq, Lk] or null
+  int64_t qs[3], ks[3], vs[3], os[3];   // element strides of dims B, H, L (16-byte multiples)
+  int64_t Hq, Hkv, Lq, Lk, group;
+  int64_t d8, dv8;                      // head dims as stored (multiples of 8, zero-padded)
+  int64_t D, Dv;                        // head dims written
+  float scale, scale_log2;
+  const void* mask;
+  int mask_kind;
+};
+
+template <int kD>
+struct BwdTile {
+  using Row = TcTile<kD>;                         // K, V, Q, dO rows: kD / 8 chunks, swizzled
+  // Queries per step: 32 at head dim 64, 16 at 128 (more spills registers: the dK and dV
+  // accumulators already take kD / 2 each; ptxas -v, docs/GPU.md).
+  static constexpr int kM = kD <= 64 ? 32 : 16;
+  using Ds = TcLayout<kM / 8>;                    // dS^T: kBwdKeys rows (keys) x kM queries
+  static constexpr int kRowBlocks = kM / 16;      // dQ phase: 16-query row blocks ...
+  static constexpr int kColSplit = kTcWarps / kRowBlocks;  // ... each shared by this many warps
+  static constexpr int kOffV = 16 * kBwdKeys * Row::kPitch;
+  static constexpr int kOffQ = 2 * kOffV;
+  static constexpr int kOffDO = kOffQ + 16 * kM * Row::kPitch;
+  static constexpr int kOffDS = kOffDO + 16 * kM * Row::kPitch;
+  static constexpr int kOffLse = kOffDS + 16 * kBwdKeys * Ds::kPitch;
+  static constexpr int kOffDelta = kOffLse + 4 * kM;
+  static constexpr int kOffMask = kOffDelta + 4 * kM;             // mask row offsets (int64)
+  static constexpr size_t kSmemBytes = kOffMask + 8 * kM;
+  static_assert((kD / 8) % (2 * kColSplit) == 0, "dQ column split");
+  static_assert((kM * (kD / 8)) % kTcThreads == 0, "loader split");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kTcThreads) attn_tc_bwd_kernel(TcBwdParams p) {
+  using Bt = BwdTile<kD>;
+  using Ds = typename Bt::Ds;
+  constexpr int kM = Bt::kM;
+  constexpr int kNT = kM / 8;   // S^T n-tiles (queries)
+  constexpr int kOT = kD / 8;   // dK / dV n-tiles (head dim)
+  constexpr int kKS = kD / 16;  // k-steps over the head dim
+  constexpr int kOTq = kOT / Bt::kColSplit;  // dQ n-tiles per warp
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int64_t nkt = (p.Lk + kBwdKeys - 1) / kBwdKeys;
+  const int64_t bkv = (int64_t)blockIdx.x / nkt, b = bkv / p.Hkv, kvh = bkv % p.Hkv;
+  const int64_t j0 = ((int64_t)blockIdx.x % nkt) * kBwdKeys;
+  const int64_t j1 = j0 + kBwdKeys < p.Lk ? j0 + kBwdKeys : p.Lk;
+
+  unsigned char* smem = pyllm_dynamic_smem<unsigned char>();
+  unsigned char* sk = smem;
+  unsigned char* sv = smem + Bt::kOffV;
+  unsigned char* sq = smem + Bt::kOffQ;
+  unsigned char* sdo = smem + Bt::kOffDO;
+  unsigned char* sds = smem + Bt::kOffDS;
+  float* slse = reinterpret_cast<float*>(smem + Bt::kOffLse);
+  float* sdelta = reinterpret_cast<float*>(smem + Bt::kOffDelta);
+  int64_t* smoff = reinterpret_cast<int64_t*>(smem + Bt::kOffMask);
+
+  load_tile<kD, kBwdKeys>(sk, static_cast<const T*>(p.k) + b * p.ks[0] + kvh * p.ks[1], p.ks[2], j0, p.Lk, p.d8);
+  load_tile<kD, kBwdKeys>(sv, static_cast<const T*>(p.v) + b * p.vs[0] + kvh * p.vs[1], p.vs[2], j0, p.Lk, p.dv8);
+  tc::cp_async_commit();
+
+  // This lane's two keys (rows of S^T): lane/4 and lane/4 + 8 of the warp's 16.
+  int kj[2];
+  bool kvalid[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    kj[r] = (int)(j0 + warp * 16 + lane / 4 + 8 * r);
+    kvalid[r] = kj[r] < p.Lk;
+  }
+  const bool elementwise = p.mask_kind != kMaskNone || p.alibi != nullptr || p.dropout;
+
+  float dk[kOT][4], dv[kOT][4];
+#pragma unroll
+  for (int n = 0; n < kOT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+
+  const int lm = lane / 8, lr = lane % 8;
+  const TcLane<kD> alane(lr, lm / 2);  // A from K / V rows: matrices (rows +0/+8) x (chunk +0/+1)
+  const TcLane<kD> blane(lr, lm % 2);  // B from Q / dO rows: (chunk +0/+1) x (rows +0/+8)
+  const TcLane<kD> tlane(lr, lm / 2);  // B from Q / dO / K rows, .trans: (rows +0/+8) x (chunk +0/+1)
+  const TcLaneOf<Ds> dlane(lr, lm % 2);  // A from dS^T, .trans: (keys +0/+8) x (queries +0/+8)
+  const int arow = 2 * warp + lm % 2, brow = lm / 2, trow = lm % 2, drow = lm / 2;
+
+  for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
+    const T* qb = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
+    const T* ob = static_cast<const T*>(p.dout) + b * p.os[0] + h * p.os[1];
+    const int64_t rbase = (b * p.Hq + h) * p.Lq;
+    const float slope = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
+    for (int64_t i0 = 0; i0 < p.Lq; i0 += kM) {
+      const int64_t i1 = i0 + kM < p.Lq ? i0 + kM : p.Lq;
+      if (p.g.lo(i0) >= j1 || p.g.hi(i1 - 1) <= j0) continue;  // no query of the tile sees these keys
+      __syncthreads();  // the previous step's reads of sq, sdo, sds, slse, sdelta are done
+      load_tile<kD, kM>(sq, qb, p.qs[2], i0, p.Lq, p.d8);
+      load_tile<kD, kM>(sdo, ob, p.os[2], i0, p.Lq, p.dv8);
+      tc::cp_async_commit();
+      for (int r = tid; r < kM; r += kTcThreads) {
+        const bool ok = i0 + r < p.Lq;
+        slse[r] = ok ? p.lse[rbase + i0 + r] * kLog2e : -INFINITY;
+        sdelta[r] = ok ? p.delta[rbase + i0 + r] : 0.f;
+        if (p.mask_kind != kMaskNone) smoff[r] = p.mi.offset(rbase + (ok ? i0 + r : 0));  // once per query
+      }
+      tc::cp_async_wait<0>();
+      __syncthreads();
+
+      float s[kNT][4], dp[kNT][4];
+#pragma unroll
+      for (int n = 0; n < kNT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKS; ++kk) {
+        uint32_t a[4], c[4];
+        tc::ldmatrix_x4(a, sk + alane.at(arow, kk));
+        tc::ldmatrix_x4(c, sv + alane.at(arow, kk));
+#pragma unroll
+        for (int np = 0; np < kNT / 2; ++np) {
+          uint32_t bf[4];
+          tc::ldmatrix_x4(bf, sq + blane.at(2 * np + brow, kk));
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+          tc::mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
+          tc::mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
+          tc::ldmatrix_x4(bf, sdo + blane.at(2 * np + brow, kk));
+          const uint32_t d0[2] = {bf[0], bf[1]}, d1[2] = {bf[2], bf[3]};
+          tc::mma_m16n8k16<T>(dp[2 * np], c, d0, dp[2 * np]);
+          tc::mma_m16n8k16<T>(dp[2 * np + 1], c, d1, dp[2 * np + 1]);
+        }
+      }
+
+      // P^T (dropped) into s, dS^T into dp. A tile every (query, key) pair sees in full, with
+      // no mask, ALiBi or dropout, skips the per-element tests.
+      const bool full = !elementwise && i1 - i0 == kM && j1 - j0 == kBwdKeys && p.g.lo(i1 - 1) <= j0 &&
+                        p.g.hi(i0) >= j1;
+      // The queries of this tile that see each of the lane's keys: columns [tlo, thi), 32-bit.
+      int tlo[2], thi[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t a = kvalid[r] ? p.g.qlo(kj[r]) - i0 : kM, z = kvalid[r] ? p.g.qhi(kj[r]) - i0 : 0;
+        tlo[r] = (int)(a < 0 ? 0 : (a > kM ? kM : a));
+        thi[r] = (int)(z < 0 ? 0 : (z > i1 - i0 ? i1 - i0 : z));
+      }
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e / 2, col = n * 8 + 2 * (lane % 4) + (e % 2);
+          const int64_t i = i0 + col, j = kj[r];
+          const float L = slse[col];
+          float pv = 0.f, ds = 0.f;
+          const bool visible = full || (col >= tlo[r] && col < thi[r]);
+          if (visible && L != -INFINITY) {
+            float x = s[n][e] * p.scale_log2;
+            const int64_t rid = rbase + i;
+            if (!full) {
+              if (p.alibi) {
+                const int64_t pos = i + p.g.shift;
+                x -= slope * (float)(pos > j ? pos - j : j - pos);
+              }
+              if (p.mask_kind == kMaskBool) {
+                if (!static_cast<const bool*>(p.mask)[smoff[col] + j * p.mi.col_stride]) x = -INFINITY;
+              } else if (p.mask_kind == kMaskFloat) {
+                x += static_cast<const float*>(p.mask)[smoff[col] + j * p.mi.col_stride] * kLog2e;
+              }
+            }
+            if (x != -INFINITY) {
+              const float pr = exp2f(x - L);
+              const float z = p.dropout ? (dropout_hash(p.seed, (uint64_t)rid * (uint64_t)p.Lk + (uint64_t)j) >=
+                                                   p.drop_threshold
+                                               ? p.drop_scale
+                                               : 0.f)
+                                        : 1.f;
+              pv = pr * z;
+              ds = pr * (dp[n][e] * z - sdelta[col]);
+            }
+            if (p.dmask != nullptr) p.dmask[rid * p.Lk + j] = ds;
+          }
+          s[n][e] = pv;
+          dp[n][e] = ds;
+        }
+      }
+      // The C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+      uint32_t pa[kM / 16][4], da[kM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+        pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        da[kk][0] = pack2<T>(dp[2 * kk][0], dp[2 * kk][1]);
+        da[kk][1] = pack2<T>(dp[2 * kk][2], dp[2 * kk][3]);
+        da[kk][2] = pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+        da[kk][3] = pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+      }
+      if (p.dq != nullptr) {  // dS^T rows of this warp's keys, for the dQ phase
+#pragma unroll
+        for (int kk = 0; kk < kM / 16; ++kk)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            const int n = 2 * kk + x / 2, r = x % 2;
+            *reinterpret_cast<uint32_t*>(sds + Ds::off(warp * 16 + lane / 4 + 8 * r, n) + 4 * (lane % 4)) = da[kk][x];
+          }
+      }
+      // dV_w += (P^T z) dO and dK_w += dS^T Q.
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+#pragma unroll
+        for (int np = 0; np < kOT / 2; ++np) {
+          uint32_t bf[4];
+          tc::ldmatrix_x4_trans(bf, sdo + tlane.at(2 * kk + trow, np));
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+          tc::mma_m16n8k16<T>(dv[2 * np], pa[kk], b0, dv[2 * np]);
+          tc::mma_m16n8k16<T>(dv[2 * np + 1], pa[kk], b1, dv[2 * np + 1]);
+          tc::ldmatrix_x4_trans(bf, sq + tlane.at(2 * kk + trow, np));
+          const uint32_t q0[2] = {bf[0], bf[1]}, q1[2] = {bf[2], bf[3]};
+          tc::mma_m16n8k16<T>(dk[2 * np], da[kk], q0, dk[2 * np]);
+          tc::mma_m16n8k16<T>(dk[2 * np + 1], da[kk], q1, dk[2 * np + 1]);
+        }
+      }
+      if (p.dq == nullptr) continue;  // uniform: deterministic mode computes dQ separately
+
+      // dQ (kM x D) += dS K for this tile: warp -> query row block rb, column part cs.
+      __syncthreads();  // every warp's dS^T rows are in sds
+      const int rb = warp % Bt::kRowBlocks, cs = warp / Bt::kRowBlocks;
+      float acc[kOTq][4];
+#pragma unroll
+      for (int n = 0; n < kOTq; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+        uint32_t a[4];
+        tc::ldmatrix_x4_trans(a, sds + dlane.at(2 * kk + drow, rb));
+#pragma unroll
+        for (int np = 0; np < kOTq / 2; ++np) {
+          uint32_t bf[4];
+          tc::ldmatrix_x4_trans(bf, sk + tlane.at(2 * kk + trow, cs * (kOTq / 2) + np));
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+          tc::mma_m16n8k16<T>(acc[2 * np], a, b0, acc[2 * np]);
+          tc::mma_m16n8k16<T>(acc[2 * np + 1], a, b1, acc[2 * np + 1]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t i = i0 + rb * 16 + lane / 4 + 8 * r;
+        if (i >= p.Lq) continue;
+        float* row = p.dq + (rbase + i) * p.D;
+#pragma unroll
+        for (int n = 0; n < kOTq; ++n) {
+          const int col = (cs * kOTq + n) * 8 + 2 * (lane % 4);
+          if (col < p.D) atomicAdd(row + col, acc[n][2 * r]);
+          if (col + 1 < p.D) atomicAdd(row + col + 1, acc[n][2 * r + 1]);
+        }
+      }
+    }
+  }
+  tc::cp_async_wait<0>();  // a CTA no query tile reaches still waits for its K / V copies
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!kvalid[r]) continue;
+    float* dkr = p.dk + (bkv * p.Lk + kj[r]) * p.D;
+    float* dvr = p.dv + (bkv * p.Lk + kj[r]) * p.Dv;
+#pragma unroll
+    for (int n = 0; n < kOT; ++n) {
+      const int col = n * 8 + 2 * (lane % 4);
+      if (col < p.D) dkr[col] = dk[n][2 * r] * p.scale;
+      if (col + 1 < p.D) dkr[col + 1] = dk[n][2 * r + 1] * p.scale;
+      if (col < p.Dv) dvr[col] = dv[n][2 * r];
+      if (col + 1 < p.Dv) dvr[col + 1] = dv[n][2 * r + 1];
+    }
+  }
+}
+
+template <typename T, int kD>
+void launch_bwd(const TcBwdParams& p, int64_t B) {
+  using Bt = BwdTile<kD>;
+  auto kern = attn_tc_bwd_kernel<T, kD>;
+  const int64_t blocks = B * p.Hkv * ((p.Lk + kBwdKeys - 1) / kBwdKeys);
+  TORCH_CHECK(blocks <= 0x7fffffff, "pyllm: attention backward grid too large (", blocks, " CTAs)");
+  if (Bt::kSmemBytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Bt::kSmemBytes);
+    TORCH_CHECK(err == cudaSuccess, "pyllm: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, ", Bt::kSmemBytes,
+                ") failed: ", cudaGetErrorString(err));
+  }
+  PYLLM_LAUNCH(kern, (unsigned)blocks, kTcThreads, Bt::kSmemBytes, PYLLM_STREAM(), p);
+}
+
+template <int kD>
+void add_bwd_config(std::vector<std::vector<int64_t>>& out) {
+  using Bt = BwdTile<kD>;
+  out.push_back({kD, kBwdKeys, Bt::kM, kTcThreads, (int64_t)Bt::kSmemBytes});
+}
+
+}  // namespace
+
+int attention_tc_bwd_head_dim(int64_t d, int64_t dv) {
+  const int64_t m = d > dv ? d : dv;
+  return m <= 64 ? 64 : (m <= kTcBwdMaxHeadDim ? 128 : 0);
+}
+
+bool attention_tc_bwd_eligible(const at::Tensor& q, const at::Tensor& v) {
+  return attention_tc_eligible(q, v) && attention_tc_bwd_head_dim(q.size(3), v.size(3)) != 0;
+}
+
+std::vector<std::vector<int64_t>> attention_tc_bwd_configs() {
+  std::vector<std::vector<int64_t>> out;
+  add_bwd_config<64>(out);
+  add_bwd_config<128>(out);
+  return out;
+}
+
+void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                           const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& delta,
+                           const TcAttnArgs& a, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask) {
+  const at::Tensor q = tc_operand(query), k = tc_operand(key), v = tc_operand(value), o = tc_operand(grad_out);
+  TcBwdParams p{};
+  static_cast<AttnFeatures&>(p) = a.f;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.defined() ? dq.data_ptr<float>() : nullptr;
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+  p.dmask = dmask.defined() && dmask.numel() > 0 ? dmask.data_ptr<float>() : nullptr;
+  for (int d = 0; d < 3; ++d) {
+    p.qs[d] = q.stride(d);
+    p.ks[d] = k.stride(d);
+    p.vs[d] = v.stride(d);
+    p.os[d] = o.stride(d);
+  }
+  const int64_t B = q.size(0);
+  p.Hq = q.size(1);
+  p.Hkv = k.size(1);
+  p.Lq = q.size(2);
+  p.Lk = k.size(2);
+  p.group = p.Hq / p.Hkv;
+  p.d8 = q.size(3);
+  p.dv8 = v.size(3);
+  p.D = query.size(3);
+  p.Dv = value.size(3);
+  p.scale = a.scale;
+  p.scale_log2 = a.scale * kLog2e;
+  p.mask = a.mask.defined() ? a.mask.data_ptr() : nullptr;
+  p.mask_kind = !a.mask.defined() ? kMaskNone : (a.mask.scalar_type() == at::kBool ? kMaskBool : kMaskFloat);
+  const int kd = attention_tc_bwd_head_dim(query.size(3), value.size(3));
+  const bool half = q.scalar_type() == at::kHalf;
+  switch (kd) {
+    case 64: return half ? launch_bwd<__half, 64>(p, B) : launch_bwd<__nv_bfloat16, 64>(p, B);
+    case 128: return half ? launch_bwd<__half, 128>(p, B) : launch_bwd<__nv_bfloat16, 128>(p, B);
+    default: TORCH_CHECK(false, "pyllm: no tensor-core attention backward for head dims ", query.size(3), ", ",
+                         value.size(3));
+  }
+}
+
+}  // namespace PYLLM_CUDA_NS
+}  // namespace pyllm
