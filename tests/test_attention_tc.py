@@ -371,7 +371,11 @@ def check_bwd(q, k, v, mask=None, causal=False, alignment="top_left", window=Non
     w = window or (-1, -1)
     gen = torch.Generator().manual_seed(q.shape[-2] * 7 + k.shape[-2])
     p, seed = dropout or (0.0, 0)
-    out, lse = run_tc(q, k, v, mask, scale, causal, alignment == "bottom_right", w, p, seed, alibi)
+    if expect_tc:
+        out, lse = run_tc(q, k, v, mask, scale, causal, alignment == "bottom_right", w, p, seed, alibi)
+    else:  # the SIMT forward (no ldmatrix to count)
+        out, lse = torch.ops.pyllm_emu.attention(q, k, v, mask, scale, causal, alignment == "bottom_right", w[0], w[1],
+                                                 p, seed, alibi)
     go = torch.randn(out.shape, generator=gen).to(q.dtype)
     mask_grad = mask is not None and mask.dtype != torch.bool
     dq, dk, dv, dm = run_tc_bwd(go, q, k, v, out, lse, mask, scale, causal, alignment == "bottom_right", w, p, seed,
@@ -518,3 +522,11 @@ def test_bwd_deterministic_mode_bit_identical():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b), "deterministic gradients differ between block orders"
+
+
+def test_bwd_simt_switch(monkeypatch):
+    """PYLLM_ATTENTION_KERNEL=simt sends the backward (and forward) to the SIMT kernels; still right."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (rnd((1, 2, n, 64), torch.float16, gen) for n in (33, 47, 47))
+    monkeypatch.setenv("PYLLM_ATTENTION_KERNEL", "simt")
+    check_bwd(q, k, v, causal=True, what="SIMT switch", expect_tc=False)

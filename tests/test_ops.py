@@ -330,6 +330,30 @@ def test_row_kernel_paths_emulated(n, dtype, misaligned):
         assert_close_to_ref(p, p64, pb, name=f"masked_softmax n={n} causal={causal}")
         assert_close_to_ref(dx, torch.autograd.grad(p64, x64, r.double())[0], torch.autograd.grad(pb, xb, r)[0],
                             mult=3.0, name=f"masked_softmax backward n={n} causal={causal}")
+    # The dx backwards (register path: dy and x read once): layer_norm with weight and bias, rms_norm
+    # with an fp32 weight (fp32 dy), add_rms_norm (dy in the dtype), each against fp64 autograd.
+    # At n = 1 RMSNorm's dx is g * eps / (x^2 + eps)^1.5: with eps << x^2 every fp32 evaluation
+    # (torch's too) is cancellation noise set by rstd's last bit, so there eps is 0.5 (well-conditioned).
+    e = 0.5 if n == 1 else 1e-6
+    grads = {}
+    for name, fn in [("layer_norm", lambda t: P.layer_norm(t, (n,), w, b, eps=1e-5)),
+                     ("rms_norm", lambda t: P.rms_norm(t, (n,), w32, e, style="llama")),
+                     ("add_rms_norm", lambda t: P.add_rms_norm(t, r, (n,), w, e, style="llama")[0])]:
+        xs = x.detach().requires_grad_()
+        with pyllm.use_backend(EMU):
+            y = fn(xs)
+            dy = r.to(y.dtype) if y.dtype == dtype else r.float()
+            grads[name] = (torch.autograd.grad(y, xs, dy)[0], dy)
+    x64, xb = x.detach().double().requires_grad_(), x.detach().clone().requires_grad_()
+    refs = {"layer_norm": (tF.layer_norm(x64, (n,), w.double(), b.double(), 1e-5), tF.layer_norm(xb, (n,), w, b, 1e-5)),
+            "rms_norm": (rms_norm_torch(x64, w32.double(), e, "llama"), rms_norm_torch(xb, w32, e, "llama")),
+            "add_rms_norm": (rms_norm_torch(x64 + r.double(), w.double(), e, "llama"),
+                             rms_norm_torch(xb + r, w, e, "llama"))}
+    for name, (dx, dy) in grads.items():
+        y64, yb = refs[name]
+        assert_close_to_ref(dx, torch.autograd.grad(y64, x64, dy.double(), retain_graph=True)[0],
+                            torch.autograd.grad(yb, xb, dy.to(yb.dtype), retain_graph=True)[0], mult=3.0,
+                            name=f"{name} backward n={n}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

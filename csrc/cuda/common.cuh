@@ -132,6 +132,20 @@ __device__ __forceinline__ void load_chunk(const T* p, float (&out)[kVecOf<T>]) 
   for (int i = 0; i < kVecOf<T>; ++i) out[i] = load_float(e[i]);
 }
 
+// Loads kCount values of S with 16-byte loads (kCount * sizeof(S) is a multiple of 16): a chunk of
+// another tensor's layout (e.g. kVecOf<bf16> = 8 fp32 gradients beside 8 bf16 inputs).
+template <typename S, int kCount>
+__device__ __forceinline__ void load_vals(const S* p, float* out) {
+  static_assert((kCount * sizeof(S)) % 16 == 0, "whole 16-byte loads");
+#pragma unroll
+  for (int s = 0; s < kCount / kVecOf<S>; ++s) {
+    float e[kVecOf<S>];
+    load_chunk(p + s * kVecOf<S>, e);
+#pragma unroll
+    for (int i = 0; i < kVecOf<S>; ++i) out[s * kVecOf<S> + i] = e[i];
+  }
+}
+
 // Stores kCount values as T with 16-byte stores (kCount * sizeof(T) is a multiple of 16).
 template <typename T, int kCount>
 __device__ __forceinline__ void store_chunk(T* p, const float* in) {

@@ -2,8 +2,8 @@
 // One warp per row up to 1024 elements, one block per row beyond; fp32 two-pass
 // mean/variance with warp-shuffle (and shared-memory) reductions. Forward: rows of up to 1024
 // (warp) or 8192 (block) elements whose width is a multiple of 16 bytes are read once with
-// 16-byte loads into registers and written once with 16-byte stores; other rows (longer,
-// misaligned) and the backward re-read the row element by element (L1/L2-resident).
+// 16-byte loads into registers and written once with 16-byte stores; the dx backwards hold dy and
+// x the same way; other rows (longer, misaligned) re-read the row element by element (L1/L2).
 #include "common.cuh"
 #include "../include/pyllm/ops/norm.h"
 
@@ -157,6 +157,35 @@ __global__ void layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __re
   const int64_t base = active ? team.row * n : 0;
   const float mu = active ? mean[team.row] : 0.f, rs = active ? rstd[team.row] : 0.f;
   float sg = 0.f, sgx = 0.f;
+  constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
+  // Uniform across the launch: dy and x held in registers (each read once), as in the forward.
+  if (row_fits_regs<T, kWarp>(n, team.size) && aligned16(dy) && aligned16(x) && aligned16(dx)) {
+    float g[kChunks][kV], d[kChunks][kV];  // g = dy * w, d = x - mean
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
+      if (active && j0 < n) {
+        load_vals<T, kV>(dy + base + j0, g[k]);
+        load_vals<T, kV>(x + base + j0, d[k]);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          g[k][i] = __fmul_rn(g[k][i], w ? w[j0 + i] : 1.f);
+          d[k][i] -= mu;
+          sg += g[k][i];
+          sgx += g[k][i] * d[k][i] * rs;
+        }
+      }
+    }
+    const float mg = team.sum(sg) / (float)n;
+    const float mgx = team.sum(sgx) / (float)n;
+    if (active)
+      store_row_regs<T, kV, kChunks>(dx + base, n, team.tid, team.size, [&](int k, int i, int64_t j) {
+        float v = rs * ((g[k][i] - mg) - d[k][i] * rs * mgx);
+        if (extra) v += load_float(extra[base + j]);
+        return v;
+      });
+    return;  // uniform: every thread of the team took this path, past its last barrier
+  }
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
       // __fmul_rn: g is rounded the same way in both passes (no FMA contraction into the
@@ -171,8 +200,7 @@ __global__ void layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __re
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
       const float g = __fmul_rn(load_float(dy[base + j]), w ? w[j] : 1.f);
-      const float xh = (load_float(x[base + j]) - mu) * rs;
-      float v = rs * ((g - mg) - xh * mgx);
+      float v = rs * ((g - mg) - (load_float(x[base + j]) - mu) * rs * mgx);
       if (extra) v += load_float(extra[base + j]);
       dx[base + j] = store_float<T>(v);
     }
@@ -276,6 +304,29 @@ __global__ void rms_norm_bwd_dx_kernel(const float* __restrict__ dy, const T* __
   const int64_t base = active ? team.row * n : 0;
   const float rs = active ? rstd[team.row] : 0.f;
   float acc = 0.f;
+  constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
+  // Uniform across the launch: dy (fp32, kV values per chunk of x) and x held in registers.
+  if (row_fits_regs<T, kWarp>(n, team.size) && aligned16(dy) && aligned16(x) && aligned16(dx)) {
+    float g[kChunks][kV], xv[kChunks][kV];
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
+      if (active && j0 < n) {
+        load_vals<float, kV>(dy + base + j0, g[k]);
+        load_vals<T, kV>(x + base + j0, xv[k]);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          g[k][i] *= w ? (w[j0 + i] + offset) : 1.f;
+          acc += g[k][i] * xv[k][i] * rs;
+        }
+      }
+    }
+    const float m = team.sum(acc) / (float)n;
+    if (active)
+      store_row_regs<T, kV, kChunks>(dx + base, n, team.tid, team.size,
+                                     [&](int k, int i, int64_t) { return rs * (g[k][i] - xv[k][i] * rs * m); });
+    return;  // uniform
+  }
   if (active) {
     for (int64_t j = team.tid; j < n; j += team.size) {
       const float g = dy[base + j] * (w ? (w[j] + offset) : 1.f);
