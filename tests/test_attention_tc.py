@@ -530,3 +530,20 @@ def test_bwd_simt_switch(monkeypatch):
     q, k, v = (rnd((1, 2, n, 64), torch.float16, gen) for n in (33, 47, 47))
     monkeypatch.setenv("PYLLM_ATTENTION_KERNEL", "simt")
     check_bwd(q, k, v, causal=True, what="SIMT switch", expect_tc=False)
+
+
+def test_bwd_nonfinite_inputs_take_the_exact_simt_kernels():
+    """A NaN / Inf in q, k, v or dO: tensor-core products would give 0 * inf = NaN for pairs whose
+    probability is 0, which must contribute nothing; a device flag sends such calls to the SIMT
+    kernels (no ldmatrix), finite calls to the tensor cores. Gradients: tests/test_nonfinite.py."""
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = (rnd((1, 2, n, 64), torch.float16, gen) for n in (20, 30, 30))
+    out, lse = run_tc(q, k, v, causal=True)
+    go = torch.randn(out.shape, generator=gen).to(torch.float16)
+    run_tc_bwd(go, q, k, v, out, lse, causal=True)  # finite: tensor cores
+    go_nan = go.clone()
+    go_nan[0, 1, 3, 5] = math.nan
+    dq, dk, dv, _ = run_tc_bwd(go_nan, q, k, v, out, lse, causal=True, expect_tc=False)
+    # query 3 sees keys 0..3 (causal): dO's NaN reaches dv of those keys only, dq of row 3 only, head 1 only
+    assert torch.isnan(dv[0, 1, :4]).any(dim=-1).all() and torch.isfinite(dv[0, 1, 4:]).all()
+    assert torch.isfinite(dv[0, 0]).all() and torch.isfinite(dq[0, 1, :3]).all() and torch.isfinite(dq[0, 1, 4:]).all()

@@ -34,6 +34,7 @@ struct AttnParams : AttnFeatures {  // geometry, mask indexing, ALiBi, dropout: 
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv, group;
   int tile;                     // keys (forward/dq) or queries (dkv) per smem tile
   float scale;
+  const bool* only_if = nullptr;  // backward kernels: non-null -> run only when *only_if (device flag)
 };
 
 template <typename M>
@@ -160,6 +161,7 @@ __global__ void attn_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict_
                                    const M* __restrict__ mask, const float* __restrict__ dout,
                                    const float* __restrict__ lse, const float* __restrict__ delta,
                                    float* __restrict__ dq, float* __restrict__ dmask, AttnParams p) {
+  if (p.only_if != nullptr && !*p.only_if) return;  // uniform: the tensor-core backward served this call
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t nqt = (p.Lq + kWarps - 1) / kWarps;
   const int64_t bh = blockIdx.x / nqt, b = bh / p.Hq, h = bh % p.Hq, kvh = h / p.group;
@@ -230,6 +232,7 @@ __global__ void attn_bwd_dkv_kernel(const T* __restrict__ q, const T* __restrict
                                     const M* __restrict__ mask, const float* __restrict__ dout,
                                     const float* __restrict__ lse, const float* __restrict__ delta,
                                     float* __restrict__ dk, float* __restrict__ dv, AttnParams p) {
+  if (p.only_if != nullptr && !*p.only_if) return;  // uniform: the tensor-core backward served this call
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t nkt = (p.Lk + kWarps - 1) / kWarps;
   const int64_t bkv = blockIdx.x / nkt, b = bkv / p.Hkv, kvh = bkv % p.Hkv;
@@ -439,36 +442,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     // dq kernel instead: one warp per query row, a fixed summation order.
     const bool tc = attention_tc_bwd_eligible(query, value);
     const bool det = tc && at::globalContext().deterministicAlgorithms();
+    // A non-finite value in q, k, v or dO: a tensor-core product would spread it through pairs whose
+    // probability is 0 (0 * inf = NaN), which must contribute nothing (docs/RELIABILITY.md). A device
+    // flag (no host sync) makes the tensor-core kernel return at once and the SIMT kernels, which
+    // skip those pairs, run instead.
+    at::Tensor nonfinite;
     if (tc) {
+      const at::Tensor go = grad_out.to(query.scalar_type());
+      nonfinite = at::logical_not(at::isfinite(query).all().logical_and(at::isfinite(key).all())
+                                      .logical_and(at::isfinite(value).all()).logical_and(at::isfinite(go).all()));
       at::Tensor dq_acc = det ? at::Tensor() : dq;
       at::Tensor dm_tc = det ? at::Tensor() : dmask;
-      attention_tc_backward(q, k, v, grad_out.to(query.scalar_type()), lse_c, delta, TcAttnArgs{m, p, p.scale},
-                            dq_acc, dk, dv, dm_tc);
-      if (!det) dq.mul_(p.scale);
+      attention_tc_backward(q, k, v, go, lse_c, delta, TcAttnArgs{m, p, p.scale}, dq_acc, dk, dv, dm_tc,
+                            nonfinite.data_ptr<bool>());
+      if (!det) dq.mul_(p.scale);  // before the SIMT dq kernel, which writes dq scaled when it runs
+    }
+    AttnParams pq = p, pkv = p;  // the SIMT kernels: always without tensor cores, else when the flag is set
+    if (tc) {
+      pq.only_if = det ? nullptr : nonfinite.data_ptr<bool>();
+      pkv.only_if = nonfinite.data_ptr<bool>();
     }
     const int64_t qblocks = p.B * p.Hq * ((p.Lq + kWarps - 1) / kWarps);
     const int64_t kblocks = p.B * p.Hkv * ((p.Lk + kWarps - 1) / kWarps);
     const size_t smem_dq = sizeof(float) * (kWarps * (p.D + p.Dv) + p.tile * (p.D + 1) + p.tile * (p.Dv + 1));
     const size_t smem_dkv = sizeof(float) * (kWarps * (p.D + p.Dv) + p.tile * (p.D + 1) + p.tile * (p.Dv + 1) + 2 * p.tile);
-    if (!tc || det) {
-      PYLLM_DISPATCH_FLOATING(query.scalar_type(), "pyllm_attention_bwd_cuda", [&] {
-        using T = typename CudaType<scalar_t>::type;
-        with_mask(m, [&](auto mp) {
-          using M = std::remove_const_t<std::remove_pointer_t<decltype(mp)>>;
-          auto kq = attn_bwd_dq_kernel<T, M>;
-          PYLLM_LAUNCH(kq, (unsigned)qblocks, kWarps * kWarpSize, smem_dq, PYLLM_STREAM(), cuda_ptr<scalar_t>(q),
-                       cuda_ptr<scalar_t>(k), cuda_ptr<scalar_t>(v), mp, dout.data_ptr<float>(),
-                       lse_c.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
-                       want_dmask ? dmask.data_ptr<float>() : nullptr, p);
-          if (tc) return;
-          auto kkv = attn_bwd_dkv_kernel<T, M>;
-          PYLLM_LAUNCH(kkv, (unsigned)kblocks, kWarps * kWarpSize, smem_dkv, PYLLM_STREAM(), cuda_ptr<scalar_t>(q),
-                       cuda_ptr<scalar_t>(k), cuda_ptr<scalar_t>(v), mp, dout.data_ptr<float>(),
-                       lse_c.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<float>(),
-                       dv.data_ptr<float>(), p);
-        });
+    PYLLM_DISPATCH_FLOATING(query.scalar_type(), "pyllm_attention_bwd_cuda", [&] {
+      using T = typename CudaType<scalar_t>::type;
+      with_mask(m, [&](auto mp) {
+        using M = std::remove_const_t<std::remove_pointer_t<decltype(mp)>>;
+        auto kq = attn_bwd_dq_kernel<T, M>;
+        PYLLM_LAUNCH(kq, (unsigned)qblocks, kWarps * kWarpSize, smem_dq, PYLLM_STREAM(), cuda_ptr<scalar_t>(q),
+                     cuda_ptr<scalar_t>(k), cuda_ptr<scalar_t>(v), mp, dout.data_ptr<float>(),
+                     lse_c.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
+                     want_dmask ? dmask.data_ptr<float>() : nullptr, pq);
+        auto kkv = attn_bwd_dkv_kernel<T, M>;
+        PYLLM_LAUNCH(kkv, (unsigned)kblocks, kWarps * kWarpSize, smem_dkv, PYLLM_STREAM(), cuda_ptr<scalar_t>(q),
+                     cuda_ptr<scalar_t>(k), cuda_ptr<scalar_t>(v), mp, dout.data_ptr<float>(),
+                     lse_c.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<float>(),
+                     dv.data_ptr<float>(), pkv);
       });
-    }
+    });
   }
   const auto dt = query.scalar_type();
   if (dt != at::kFloat) {

@@ -64,9 +64,11 @@ std::vector<std::vector<int64_t>> attention_tc_bwd_configs();
 // zeroed; undefined: not computed, deterministic mode), writes dk / dv (fp32 [B, Hkv, Lk, D / Dv])
 // and, when dmask is defined and non-empty, dS into dmask (fp32 [B, Hq, Lq, Lk], zeroed).
 // grad_out is the output's gradient in q's dtype; lse and delta = rowsum(dO * O) fp32 [B, Hq, Lq].
+// skip_if (device memory, may be null): when *skip_if is true the kernel returns at once (the
+// caller's SIMT kernels serve inputs with non-finite values; no host synchronization).
 void attention_tc_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
                            const at::Tensor& lse, const at::Tensor& delta, const TcAttnArgs& a, at::Tensor& dq,
-                           at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask);
+                           at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask, const bool* skip_if = nullptr);
 
 }  // namespace PYLLM_CUDA_NS
 }  // namespace pyllm

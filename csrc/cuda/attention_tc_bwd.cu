@@ -50,6 +50,7 @@ struct TcBwdParams : AttnFeatures {
   float scale, scale_log2;
   const void* mask;
   int mask_kind;
+  const bool* skip_if;                  // device flag: return at once when set (non-finite inputs)
 };
 
 template <int kD>
@@ -82,6 +83,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_bwd_kernel(TcBwdParams p) 
   constexpr int kOT = kD / 8;   // dK / dV n-tiles (head dim)
   constexpr int kKS = kD / 16;  // k-steps over the head dim
   constexpr int kOTq = kOT / Bt::kColSplit;  // dQ n-tiles per warp
+  if (p.skip_if != nullptr && *p.skip_if) return;  // uniform: the SIMT kernels serve this call
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int64_t nkt = (p.Lk + kBwdKeys - 1) / kBwdKeys;
   const int64_t bkv = (int64_t)blockIdx.x / nkt, b = bkv / p.Hkv, kvh = bkv % p.Hkv;
@@ -353,7 +355,8 @@ std::vector<std::vector<int64_t>> attention_tc_bwd_configs() {
 
 void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& delta,
-                           const TcAttnArgs& a, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask) {
+                           const TcAttnArgs& a, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask,
+                           const bool* skip_if) {
   const at::Tensor q = tc_operand(query), k = tc_operand(key), v = tc_operand(value), o = tc_operand(grad_out);
   TcBwdParams p{};
   static_cast<AttnFeatures&>(p) = a.f;
@@ -387,6 +390,7 @@ void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const
   p.scale_log2 = a.scale * kLog2e;
   p.mask = a.mask.defined() ? a.mask.data_ptr() : nullptr;
   p.mask_kind = !a.mask.defined() ? kMaskNone : (a.mask.scalar_type() == at::kBool ? kMaskBool : kMaskFloat);
+  p.skip_if = skip_if;
   const int kd = attention_tc_bwd_head_dim(query.size(3), value.size(3));
   const bool half = q.scalar_type() == at::kHalf;
   switch (kd) {
