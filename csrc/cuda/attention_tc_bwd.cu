@@ -74,8 +74,10 @@ struct BwdTile {
   static_assert((kM * (kD / 8)) % kTcThreads == 0, "loader split");
 };
 
+// Minimum CTAs per SM (ptxas heuristics, measured with -Xptxas -v): at head dim 64 without it ptxas
+// for sm_90 stops at 168 registers and spills; at 128 any minimum (0 = none) makes sm_80 spill.
 template <typename T, int kD>
-__global__ void __launch_bounds__(kTcThreads) attn_tc_bwd_kernel(TcBwdParams p) {
+__global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kernel(TcBwdParams p) {
   using Bt = BwdTile<kD>;
   using Ds = typename Bt::Ds;
   constexpr int kM = Bt::kM;
