@@ -156,6 +156,10 @@ def _dname(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+_ONNX_REASON = ("reference (PyTorch) because torch.onnx.export is tracing: ONNX has no translation "
+                "for pyllm ops, the reference lowers to standard ONNX ops")
+
+
 def select(op: str, tensors: tuple, limits=None, limit_args: tuple = (), typed: Optional[tuple] = None) -> Decision:
     """Decides how ``op`` runs on ``tensors`` (None entries allowed) and records it.
 
@@ -165,6 +169,13 @@ def select(op: str, tensors: tuple, limits=None, limit_args: tuple = (), typed: 
     runs (backend ``auto``, ``cuda-emulated``) or a RuntimeError says why (``native``).
     """
     backend = _REGISTRY[current_backend()]
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no translation for pyllm's native ops: while torch.onnx.export traces, every
+        # backend runs the reference, which lowers to standard ONNX ops (pyllm.export). Dynamo
+        # folds this check to False, so compiled graphs are unaffected.
+        decision = Decision(op, backend.name, "reference", _ONNX_REASON, None)
+        _LAST[op] = decision
+        return decision
     ns, path, reason = backend.select(op, tensors)
     if ns is not None and limits is not None:
         why = None
