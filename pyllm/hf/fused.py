@@ -119,27 +119,41 @@ def _bias_gelu_forward(self, hidden_states):
     return PF.bias_gelu(TF.linear(hidden_states, dense.weight), dense.bias, approximate="tanh")
 
 
-_signatures: dict = {}
+_signatures: dict = {}  # decoder layer class -> (names after hidden_states, their defaults)
+
+
+def _layer_signature(cls) -> tuple:
+    """The stock forward's parameters after ``(self, hidden_states)``: names in order and defaults.
+    Read once per class with inspect (at enable time), outside any torch.compile trace."""
+    if cls not in _signatures:
+        params = list(inspect.signature(cls.forward).parameters.values())[2:]
+        names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        defaults = {p.name: p.default for p in params
+                    if p.name in names and p.default is not inspect.Parameter.empty}
+        _signatures[cls] = (names, defaults)
+    return _signatures[cls]
 
 
 def _decoder_add_rms_forward(self, hidden_states, *args, **kwargs):
     """LlamaDecoderLayer.forward's program with ``residual + h`` and ``post_attention_layernorm(.)``
-    as one add_rms_norm. The attention gets exactly the arguments the stock forward passes it."""
+    as one add_rms_norm. The attention gets exactly the arguments the stock forward passes it
+    (bound as inspect.Signature.bind would, in plain Python that torch.compile traces)."""
     norm = self.post_attention_layernorm
     if type(norm) is not pnn.RMSNorm or not _plain(norm) or len(norm.normalized_shape) != 1:
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    cls = type(self)
-    if cls not in _signatures:
-        _signatures[cls] = inspect.signature(cls.forward)
-    bound = _signatures[cls].bind(self, hidden_states, *args, **kwargs)
-    bound.apply_defaults()
-    named = dict(bound.arguments)
-    named.pop("self")
-    named.pop("hidden_states")
-    extra = named.pop("kwargs", {})
+    names, defaults = _layer_signature(type(self))
+    if len(args) > len(names):
+        raise TypeError(f"{type(self).__name__}.forward takes {len(names) + 2} positional arguments, "
+                        f"got {len(args) + 2}")
+    named = dict(defaults)
+    for name, value in zip(names, args):
+        if name in kwargs:
+            raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
+        named[name] = value
+    named.update(kwargs)
     residual = hidden_states
     h = self.input_layernorm(hidden_states)
-    h, _ = self.self_attn(hidden_states=h, **named, **extra)
+    h, _ = self.self_attn(hidden_states=h, **named)
     if h.dtype != residual.dtype or h.shape != residual.shape:  # the stock program (mixed dtypes)
         residual = residual + h
         h = norm(residual)
@@ -178,6 +192,8 @@ _FORWARDS = {"add_layer_norm": _add_ln_forward, "bias_gelu": _bias_gelu_forward,
 
 def enable(module, kind) -> None:
     fwd = _FORWARDS[kind]
+    if kind == "add_rms_norm":
+        _layer_signature(type(module))
     module.forward = types.MethodType(fwd, module)
     setattr(module, _ORIG, kind)
 

@@ -26,6 +26,10 @@ intercepted for that one call, its packed keys/values scattered to the padded la
 the packed ones returned to the layer. Decoding steps (one new token per row, a non-empty cache) run
 the stock path, so ``generate`` works unchanged and gives the same tokens. A model whose sliding
 window is shorter than the batch's padded length runs its prefill on the stock path.
+
+Under ``torch.compile``, ``torch.export`` and ``torch.onnx.export`` (``torch.compiler.is_compiling()``)
+both run the stock padded path with pyllm attention and norms: packing is data-dependent, and a
+traced graph with a shape per token count would recompile for every batch.
 """
 from __future__ import annotations
 
@@ -74,9 +78,9 @@ def _padfree_forward(self, input_ids=None, attention_mask=None, token_type_ids=N
     unsupported = any(kwargs.get(k) for k in ("encoder_hidden_states", "past_key_values", "use_cache",
                                                "output_attentions", "output_hidden_states",
                                                "cu_seq_lens_q"))
-    # torch.export / torch.onnx.export: packing is data-dependent (the token count depends on the
-    # mask's values), so an exported graph runs the stock padded path (docs/HF.md, "Export")
-    if not plain or unsupported or kwargs.get("return_dict") is False or torch.compiler.is_exporting():
+    # torch.compile / torch.export / torch.onnx.export: packing is data-dependent (the token count
+    # depends on the mask's values), so a traced graph runs the stock padded path (docs/HF.md)
+    if not plain or unsupported or kwargs.get("return_dict") is False or torch.compiler.is_compiling():
         return _stock(self, orig, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, kwargs)
     ref = input_ids if input_ids is not None else inputs_embeds
     b, seqlen = ref.shape[0], ref.shape[1]
@@ -126,7 +130,7 @@ def _decoder_forward(self, input_ids=None, past_key_values=None, attention_mask=
     stock = dict(input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
                  position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     ref = input_ids if input_ids is not None else inputs_embeds
-    if (self.training or torch.compiler.is_exporting() or ref is None or attention_mask is None or attention_mask.dim() != 2
+    if (self.training or torch.compiler.is_compiling() or ref is None or attention_mask is None or attention_mask.dim() != 2
             or attention_mask.shape != ref.shape[:2] or kwargs.get("output_attentions")
             or kwargs.get("output_hidden_states") or kwargs.get("cu_seq_lens_q") is not None
             or kwargs.get("return_dict") is False or (past_key_values is not None and past_key_values.get_seq_length() > 0)):

@@ -64,6 +64,11 @@ interleaved repetitions (medians; speedup = baseline ms / pyllm ms).
   (encoders: `last_hidden_state` vs stock `eager`, ONNX Runtime's included; GPT-2: the prompt forward's
   logits vs stock `sdpa`, and whether the generated ids are identical); a difference above 1e-3 is
   flagged MISMATCH.
+- Compiled rows: `torch.compile(model, fullgraph=True)` with the default inductor backend, the stock `sdpa`
+  model against the same model after `pyllm.hf.optimize`, both compiled in the run (first-call compile time
+  in the note). Under compile pyllm runs the padded path (packing a batch is data-dependent), so these rows
+  measure pyllm's kernels as opaque ops inside inductor's graph against inductor's own fusion of the stock
+  model, not padding-free.
 - The profile rows list the top self-CPU ops of one encoder forward (stock `sdpa` vs pyllm)."""
 
 
@@ -414,6 +419,58 @@ def _st_case(quick: bool, rows: List[dict]) -> None:
                      seqs=n, tokens=real))
 
 
+# --------------------------------------------------------------------------- case 5: torch.compile
+def _llama_factory(layers: int, width: int, heads: int, kv_heads: int, vocab: int):
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 8 // 3,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                        max_position_embeddings=1024, attention_dropout=0.0, pad_token_id=0)
+    return lambda: T.LlamaModel(copy.deepcopy(cfg))  # no LM head: its vocab GEMM would dominate the time
+
+
+def _compiled_case(quick: bool, rows: List[dict]) -> None:
+    """``torch.compile(model, fullgraph=True)`` (inductor) of the stock ``sdpa`` model against the same
+    compiled after ``pyllm.hf.optimize``: a BERT encoder forward and a Llama prefill forward on padded
+    batches. Under compile pyllm runs the padded path (packing is data-dependent), so this measures the
+    kernels inside inductor's graph, not padding-free; compile time is reported in the note."""
+    import torch._dynamo as dynamo
+
+    enc_layers, dec_layers, batch, seq = (1, 1, 2, 32) if quick else (4, 4, 8, 128)
+    reps = 3 if quick else 5
+    cases = [("compiled encoder forward", _bert_factory(enc_layers), 30522,
+              f"BERT-base width, {enc_layers} layer{'s' * (enc_layers > 1)}", lambda o: o.last_hidden_state),
+             ("compiled decoder prefill", _llama_factory(dec_layers, 768, 12, 4, 32000), 32000,
+              f"Llama (768/12 heads/4 kv heads/2048, no LM head), {dec_layers} layer{'s' * (dec_layers > 1)}",
+              lambda o: o.last_hidden_state)]
+    for i, (case, factory, vocab, what, out_of) in enumerate(cases):
+        ids, mask = _padded_batch(batch, seq, vocab, 0.3)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        config = (f"{what}, batch {batch} x seq {seq}, {1 - mask.float().mean().item():.0%} padding, "
+                  f"torch.compile(fullgraph=True), inductor")
+        print(f"  [5/5] {case}: {config}", flush=True)
+        models = {impl: _build(factory, impl) for impl in ("sdpa", "pyllm")}
+        compiled, compile_s, outs = {}, {}, {}
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eager_ref = out_of(models["sdpa"](**feed))
+            for impl, m in models.items():
+                dynamo.reset()
+                compiled[impl] = torch.compile(m, fullgraph=True)
+                t = time.perf_counter()
+                outs[impl] = out_of(compiled[impl](**feed))
+                compile_s[impl] = time.perf_counter() - t
+            ms = _median_ms({k: (lambda c=c: c(**feed)) for k, c in compiled.items()}, reps)
+        diffs = {f"compiled {k}": _max_diff(o, eager_ref, mask) for k, o in outs.items()}
+        note = (f"first call (compile) sdpa {compile_s['sdpa']:.0f} s, pyllm {compile_s['pyllm']:.0f} s; "
+                + _diff_note("sdpa (eager)", diffs))
+        rows.append(_row(case, config, "compiled stock sdpa", ms["sdpa"], ms["pyllm"], note,
+                         seqs=batch, tokens=int(mask.sum())))
+        print(f"    compiled sdpa {ms['sdpa']:.1f} ms, compiled pyllm {ms['pyllm']:.1f} ms "
+              f"({ms['sdpa'] / ms['pyllm']:.2f}x)", flush=True)
+    dynamo.reset()
+
+
 def run(quick: bool) -> List[dict]:
     """All model-level cases; rows as dicts with the keys :data:`KEYS`."""
     import pyllm
@@ -431,6 +488,7 @@ def run(quick: bool) -> List[dict]:
     _decoder_case(quick, rows)
     _minilm_case(quick, rows)
     _st_case(quick, rows)
+    _compiled_case(quick, rows)
     rows.extend(profile_rows)
     print(f"  model-level benchmarks took {time.perf_counter() - t0:.1f} s", flush=True)
     return rows
