@@ -12,7 +12,7 @@ endif
 SOURCES := $(shell find csrc -type f) setup.py
 STAMP := $(VENV)/.pyllm-built-$(PYLLM_CUDA)
 
-.PHONY: all venv build demo test test-python test-cpp bench clean
+.PHONY: all venv build demo test test-python test-cpp test-wheel bench clean
 
 all: build
 
@@ -38,7 +38,7 @@ demo: build
 	$(PY) -m pyllm demo
 
 # CI runs exactly this (see .ci/run).
-test: test-python test-cpp
+test: test-python test-cpp test-wheel
 
 test-python: build
 	@echo "== full suite (native kernels; emulated CUDA kernels in forward order)"
@@ -56,6 +56,21 @@ test-cpp: venv
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null
 	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure -j 2
+
+# The wheel as a user installs it: built from this tree (ninja reuses the objects of `make build`),
+# installed with --no-deps into a fresh virtual environment holding only the pinned torch, then
+# `python -m pyllm selftest` from outside the tree (every op's kernel vs torch in fp64).
+WHEEL_DIR := build/wheel
+WHEEL_VENV := build/wheel-venv
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+test-wheel: build
+	@echo "== wheel: build, install into a fresh venv with only $(TORCH_PIN), selftest"
+	rm -rf $(WHEEL_DIR) $(WHEEL_VENV)
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR) .
+	python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q "$(TORCH_PIN)"
+	$(WHEEL_VENV)/bin/pip install -q --no-deps $(WHEEL_DIR)/pyllm-*.whl
+	cd $(WHEEL_VENV) && PYLLM_REQUIRE_EXT=1 bin/python -m pyllm selftest
 
 bench: build
 	$(PY) -m pyllm bench

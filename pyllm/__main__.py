@@ -1,4 +1,4 @@
-"""Command line: ``python -m pyllm {info,env,demo,bench,gpu-check,gpu-model,train-demo,soak,fuzz}``.
+"""Command line: ``python -m pyllm {info,selftest,env,demo,bench,gpu-check,gpu-model,train-demo,soak,fuzz}``.
 
 Everything but ``info`` is tooling in :mod:`pyllm.tools`, imported only when its command runs."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyllm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="print build information and available backends")
+    sub.add_parser("selftest", help="does this installation work: every op's kernel vs torch in fp64 (torch only)")
     e = sub.add_parser("env", help="what a bug report needs: versions, CPU features, CUDA archs, kernels, backends")
     e.add_argument("--json", action="store_true", help="print JSON instead of text")
     d = sub.add_parser("demo", help="the main demo: a real Hugging Face model on pyllm kernels")
@@ -65,6 +66,10 @@ def main(argv=None) -> int:
         info["current_backend"] = pyllm.current_backend()
         print(json.dumps(info, indent=2))
         return 0
+    if args.cmd == "selftest":
+        from .tools.selftest import main as selftest_main
+
+        return selftest_main(args)
     if args.cmd == "env":
         from .tools.env import main as env_main
 
