@@ -455,3 +455,52 @@ def test_progress_bar_shows_an_eta_on_a_terminal_only(monkeypatch, capsys):
         off.close()
         assert stream.getvalue() == ""
         assert capsys.readouterr().out == "plain\n"
+
+
+def _fake_module(monkeypatch, name, **attrs):
+    import types
+
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        mod = sys.modules.get(".".join(parts[:i])) or types.ModuleType(".".join(parts[:i]))
+        monkeypatch.setitem(sys.modules, ".".join(parts[:i]), mod)
+        if i > 1:
+            setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], mod)
+    for k, v in attrs.items():
+        setattr(sys.modules[name], k, v)
+
+
+class _CudaLike(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: external baselines are only offered for CUDA tensors."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_norm_benches_add_apex_and_liger_where_installed(monkeypatch):
+    """Issue 13: the norm benches time Apex's and Liger's fused kernels when importable (CUDA only);
+    an installed version whose call fails is left out; CPU tensors get neither."""
+    from pyllm.ops._common import external_norm_baselines
+
+    tf = torch.nn.functional
+    x = torch.randn(4, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    assert external_norm_baselines("rms_norm", x, w, None, 1e-6) == {}
+    _fake_module(monkeypatch, "apex.normalization.fused_layer_norm",
+                 fused_layer_norm_affine=lambda t, w_, b_, s, eps: tf.layer_norm(t, s, w_, b_, eps),
+                 fused_rms_norm_affine=lambda t, w_, s, eps: (_ for _ in ()).throw(TypeError("old apex")))
+
+    class LigerRMS:
+        @staticmethod
+        def apply(t, w_, eps, offset, casting):
+            assert casting == "llama"
+            return tf.rms_norm(t, (t.shape[-1],), w_, eps)
+
+    _fake_module(monkeypatch, "liger_kernel.ops.rms_norm", LigerRMSNormFunction=LigerRMS)
+    xc = x.as_subclass(_CudaLike)
+    ln = external_norm_baselines("layer_norm", xc, w, b, 1e-5)
+    assert list(ln) == ["apex FusedLayerNorm"], ln   # liger_kernel.ops.layer_norm is not there
+    torch.testing.assert_close(ln["apex FusedLayerNorm"]().as_subclass(torch.Tensor), tf.layer_norm(x, (16,), w, b))
+    rms = external_norm_baselines("rms_norm", xc, w, None, 1e-6)
+    assert list(rms) == ["liger RMSNorm"], rms        # apex's RMSNorm call raised: left out

@@ -237,3 +237,40 @@ def param_grad(x, weight):
 
 def fmt_shape(s) -> str:
     return "[" + ", ".join(str(int(v)) for v in s) + "]"
+
+
+# --------------------------------------------------------------------------- external baselines
+def external_norm_baselines(kind: str, x, weight, bias, eps: float) -> dict:
+    """The fused norm kernels of Apex and Liger-Kernel as extra bench baselines, where installed and
+    where they run (CUDA tensors): ``{name: callable}``, empty otherwise. ``kind`` is "layer_norm"
+    or "rms_norm" (Llama casting for Liger's RMSNorm, as pyllm's style "llama"). A library that
+    imports but rejects the call (an API change) is left out, not reported as a time."""
+    if not x.is_cuda:
+        return {}
+    d = x.shape[-1]
+    found = {}
+    try:
+        from apex.normalization import fused_layer_norm as apex_ln
+        if kind == "layer_norm":
+            found["apex FusedLayerNorm"] = lambda: apex_ln.fused_layer_norm_affine(x, weight, bias, (d,), eps)
+        else:
+            found["apex FusedRMSNorm"] = lambda: apex_ln.fused_rms_norm_affine(x, weight, (d,), eps)
+    except ImportError:
+        pass
+    try:
+        if kind == "layer_norm":
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+            found["liger LayerNorm"] = lambda: LigerLayerNormFunction.apply(x, weight, bias, eps)
+        else:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+            found["liger RMSNorm"] = lambda: LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama")
+    except ImportError:
+        pass
+    usable = {}
+    for name, fn in found.items():
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - an incompatible version: leave the baseline out
+            continue
+        usable[name] = fn
+    return usable

@@ -14,8 +14,8 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import (check_eps, check_float, check_param, check_residual, check_writable, empty, flat,
-                      flat_param, fmt_shape, normalized, param_grad, run)
+from ._common import (check_eps, check_float, check_param, check_residual, check_writable, empty,
+                      external_norm_baselines, flat, flat_param, fmt_shape, normalized, param_grad, run)
 
 LIMITS = Limits(notes="any width; fp32 accumulation (fp64 mean) for every dtype")
 
@@ -348,7 +348,8 @@ def bench_cases(dtype, device, quick):
     es = x.element_size()
     return [BenchCase("layer_norm", "ln", fmt_shape((n, d)), dtype,
                       lambda: layer_norm(x, (d,), w, b),
-                      {"F.layer_norm": lambda: TF.layer_norm(x, (d,), w, b)},
+                      {"F.layer_norm": lambda: TF.layer_norm(x, (d,), w, b),
+                       **external_norm_baselines("layer_norm", x, w, b, 1e-5)},
                       bytes=(2 * n * d + 2 * d) * es, tol=1e-4 if dtype == torch.float32 else 5e-2,
                       targets={"F.layer_norm": 1.0})]
 

@@ -12,8 +12,8 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import (check_eps, check_float, check_param, check_residual, empty, flat, flat_param, fmt_shape,
-                      normalized, param_grad, run)
+from ._common import (check_eps, check_float, check_param, check_residual, empty, external_norm_baselines, flat,
+                      flat_param, fmt_shape, normalized, param_grad, run)
 
 STYLES = ("torch", "llama", "t5", "gemma")
 
@@ -330,7 +330,8 @@ def bench_cases(dtype, device, quick):
     x = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
     w = torch.randn(d, generator=g).to(device=device, dtype=dtype)
     return [BenchCase("rms_norm", "rms", fmt_shape((n, d)), dtype, lambda: rms_norm(x, (d,), w, 1e-6),
-                      {"F.rms_norm": lambda: TF.rms_norm(x, (d,), w, 1e-6)},
+                      {"F.rms_norm": lambda: TF.rms_norm(x, (d,), w, 1e-6),
+                       **external_norm_baselines("rms_norm", x, w, None, 1e-6)},
                       bytes=(2 * n * d + d) * x.element_size(), tol=1e-4 if dtype == torch.float32 else 5e-2)]
 
 

@@ -10,7 +10,8 @@ Stages (each one's log goes into the report; a failed stage does not stop the ne
 3. sanitizer - ``compute-sanitizer`` memcheck, racecheck and synccheck over
              ``python -m pyllm.tools.sanitize --device cuda``, which calls every registered op
              (``pyllm.ops.specs()``) on its samples, forward and backward, in every kernel dtype.
-4. bench   - ``python -m pyllm bench --device cuda`` (% of measured bandwidth / matmul rate).
+4. bench   - ``python -m pyllm bench --device cuda`` (GB/s and % of measured bandwidth / matmul rate;
+             the norms also against Apex's and Liger-Kernel's fused kernels where installed).
 5. attention - ``python -m pyllm.tools.attn_bench``: the tensor-core attention forward and decode
              in TFLOP/s and % of the GPU's fp16 peak, against ``F.scaled_dot_product_attention``
              (flash backend) and flash-attn when installed.
