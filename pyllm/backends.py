@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -191,8 +192,25 @@ def select(op: str, tensors: tuple, limits=None, limit_args: tuple = (), typed: 
                 raise RuntimeError(f"pyllm: backend {backend.name!r} cannot run {op}: {why}")
             ns, path, reason = None, "reference", f"reference (PyTorch) because {why}"
     decision = Decision(op, backend.name, path, reason, ns)
+    _guard_dtensors(op, tensors, decision)
     _record(decision)
     return decision
+
+
+def _guard_dtensors(op: str, tensors: tuple, decision: Decision) -> None:
+    """DTensor inputs: the first one registers pyllm's sharding rules (``import pyllm.distributed``),
+    so the native op runs shard-locally; the reference path raises (it is not shard-aware, and
+    DTensor would all-gather a tensor sharded on the normalized dim). Free unless
+    torch.distributed.tensor is imported; skipped while dynamo traces (it sees local tensors)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None or torch.compiler.is_dynamo_compiling():
+        return
+    if not any(isinstance(t, mod.DTensor) for t in tensors):
+        return
+    from . import distributed  # noqa: F401 - registers the rules on first import
+
+    if decision.ns is None:
+        distributed.check_reference(op, tensors, decision.reason)
 
 
 def _record(decision: Decision) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 
 import torch
 
@@ -106,6 +107,15 @@ def check_eps(eps, allow_none: bool = False) -> None:
     check_finite(eps, "eps", allow_none, minimum=0)
 
 
+def local(t):
+    """The rank-local tensor of a DTensor, ``t`` otherwise: for argument checks that read memory
+    (data pointers) or values (``tolist``), which DTensors do not allow (docs/DISTRIBUTED.md)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is not None and isinstance(t, mod.DTensor):
+        return t.to_local()
+    return t
+
+
 def _byte_span(t) -> tuple:
     start = t.data_ptr()
     extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
@@ -118,6 +128,7 @@ def check_writable(out, name: str, others: tuple) -> None:
     the very same view (``alias_ok``: read and written element by element)."""
     if out.device.type == "meta" or torch.compiler.is_compiling():
         return
+    out, others = local(out), tuple((local(t), tname, ok) for t, tname, ok in others)
     if torch._debug_has_internal_overlap(out) == 1:
         raise ValueError(f"pyllm: {name} has elements that share memory (an expanded or stride-0 view, shape "
                          f"{list(out.shape)}, strides {list(out.stride())}); writing it in place would be "

@@ -33,7 +33,7 @@ import torch.nn.functional as TF
 
 from .. import backends
 from . import BadInput, BenchCase, Limits, OpSpec, Sample, register
-from ._common import check_flag, check_float, check_int, check_same_device, check_tensor, check_window, empty, run
+from ._common import check_flag, check_float, check_int, check_same_device, check_tensor, check_window, empty, local, run
 from .attention import CUDA_MAX_HEAD_DIM, check_alibi, check_dropout, check_scale, torch_keep
 from .attention import reference as dense_reference
 
@@ -120,7 +120,7 @@ def reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen
 # --------------------------------------------------------------------------- public wrapper
 def _check_cu(cu, name, total, what):
     """The values of a (type-checked) cu_seqlens tensor; returns the sequence lengths."""
-    v = cu.tolist()
+    v = local(cu).tolist()  # a DTensor's rule wants cu_seqlens replicated: its local copy is whole
     if v[0] != 0:
         raise ValueError(f"pyllm: {name} must start at 0, got {v[0]}")
     lens = [b - a for a, b in zip(v[:-1], v[1:])]
