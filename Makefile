@@ -59,7 +59,8 @@ test-cpp: venv
 
 # The wheel as a user installs it: built from this tree (ninja reuses the objects of `make build`),
 # installed with --no-deps into a fresh virtual environment holding only the pinned torch, then
-# `python -m pyllm selftest` from outside the tree (every op's kernel vs torch in fp64).
+# `python -m pyllm selftest` from outside the tree (every op's kernel vs torch in fp64). Then the
+# sdist: built, and a wheel built from it (CPU kernels only, to keep CI short).
 WHEEL_DIR := build/wheel
 WHEEL_VENV := build/wheel-venv
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
@@ -71,6 +72,10 @@ test-wheel: build
 	$(WHEEL_VENV)/bin/pip install -q "$(TORCH_PIN)"
 	$(WHEEL_VENV)/bin/pip install -q --no-deps $(WHEEL_DIR)/pyllm-*.whl
 	cd $(WHEEL_VENV) && PYLLM_REQUIRE_EXT=1 bin/python -m pyllm selftest
+	@echo "== sdist: build it, then a wheel from it (CPU kernels only: PYLLM_CUDA=0 PYLLM_EMULATED=0, ~2 min)"
+	$(PY) -c "from setuptools import build_meta as b; print(b.build_sdist('$(WHEEL_DIR)/sdist'))"
+	PYLLM_CUDA=0 PYLLM_EMULATED=0 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR)/from-sdist $(WHEEL_DIR)/sdist/pyllm-*.tar.gz
+	$(PY) -m zipfile -l $(WHEEL_DIR)/from-sdist/pyllm-*.whl | grep -q "pyllm/_C\." || (echo "the wheel built from the sdist has no pyllm/_C"; exit 1)
 
 bench: build
 	$(PY) -m pyllm bench
