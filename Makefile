@@ -75,7 +75,7 @@ test-wheel: build
 	@echo "== sdist: build it, then a wheel from it (CPU kernels only: PYLLM_CUDA=0 PYLLM_EMULATED=0, ~2 min)"
 	$(PY) -c "from setuptools import build_meta as b; print(b.build_sdist('$(WHEEL_DIR)/sdist'))"
 	PYLLM_CUDA=0 PYLLM_EMULATED=0 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR)/from-sdist $(WHEEL_DIR)/sdist/pyllm-*.tar.gz
-	$(PY) -m zipfile -l $(WHEEL_DIR)/from-sdist/pyllm-*.whl | grep -q "pyllm/_C\." || (echo "the wheel built from the sdist has no pyllm/_C"; exit 1)
+	$(PY) -m zipfile -l $(WHEEL_DIR)/from-sdist/pyllm-*.whl | grep "pyllm/_C\." > /dev/null || (echo "the wheel built from the sdist has no pyllm/_C"; exit 1)
 
 bench: build
 	$(PY) -m pyllm bench
