@@ -74,7 +74,21 @@ def emulated_sources(cu_files):
 
 class BuildExt(BuildExtension.with_options(use_ninja=True)):
     """Writes pyllm/_build.json next to the built modules: the torch they were built against,
-    which `import pyllm` checks before loading them (pyllm/_ext.py)."""
+    which `import pyllm` checks before loading them (pyllm/_ext.py).
+
+    Objects go to build/obj/<extension> in the source tree, whatever build_temp pip chose: an
+    editable install builds in a throwaway directory, so without this a later `pip wheel .` (make
+    test-wheel) recompiled everything (~10 minutes); with it ninja reuses every object whose command
+    is unchanged. One directory per extension, because both compile csrc/module.cpp with different
+    flags (a shared object path was recompiled twice on every build)."""
+
+    def build_extension(self, ext):
+        temp = self.build_temp
+        self.build_temp = os.path.join(ROOT, "build", "obj", ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = temp
 
     def run(self):
         super().run()
