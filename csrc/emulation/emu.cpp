@@ -381,6 +381,13 @@ struct Runner {
   void start_fiber(Fiber& f);
   void resume(Fiber& f);
   bool resolve();  // false: block finished
+  // Completes the warp collectives (and __activemask groups) of warp w whose lanes have all
+  // arrived; true if any did.
+  bool resolve_warp(unsigned w, bool& warp_waiters, Fiber*& stuck);
+  // Random order: runs warp w alone until each of its lanes waits at a block barrier or exits.
+  template <typename Rng>
+  void run_warp_to_barrier(unsigned w, Rng& rng);
+  void run_fiber(Fiber& f);
   [[noreturn]] void fail(const std::string& what);
   std::string thread_desc(const std::vector<unsigned>& ids) const;
   Fiber& lane(unsigned warp, unsigned l) { return fibers[warp * 32 + l]; }
@@ -694,66 +701,96 @@ bool Runner::resolve_barrier() {
   return true;
 }
 
+bool Runner::resolve_warp(unsigned w, bool& warp_waiters, Fiber*& stuck) {
+  const unsigned n = lanes_in_warp(w);
+  bool progress = false, active_waiters = false;
+  for (unsigned l = 0; l < n; ++l) {
+    Fiber& f = lane(w, l);
+    if (f.state != FState::Waiting || is_barrier(f.op) || f.epoch == epoch) continue;
+    if (f.op == Op::ActiveMask) {
+      active_waiters = true;
+      continue;
+    }
+    warp_waiters = true;
+    bool ok = true;
+    for (unsigned j = 0; j < 32 && ok; ++j) {
+      if (!((f.mask >> j) & 1u)) continue;
+      if (j >= n) {
+        ok = false;
+        break;
+      }
+      Fiber& g = lane(w, j);
+      ok = g.state == FState::Waiting && g.epoch != epoch && g.op == f.op && g.mask == f.mask &&
+           (f.op == Op::SyncWarp || same_site(g, f));
+    }
+    if (ok) {
+      complete_warp_group(w, f.mask, f.op);
+      progress = true;
+    } else if (!stuck) {
+      stuck = &f;
+    }
+  }
+  if (progress || !active_waiters) return progress;
+  // Lanes of a warp waiting at the same __activemask call are the converged set (only once no
+  // collective of the warp can complete: the lanes still running would join it).
+  for (unsigned l = 0; l < n; ++l) {
+    Fiber& f = lane(w, l);
+    if (f.state != FState::Waiting || f.op != Op::ActiveMask || f.epoch == epoch) continue;
+    unsigned m = 0;
+    for (unsigned j = l; j < n; ++j) {
+      Fiber& g = lane(w, j);
+      if (g.state == FState::Waiting && g.op == Op::ActiveMask && same_site(g, f)) m |= 1u << j;
+    }
+    for (unsigned j = l; j < n; ++j)
+      if ((m >> j) & 1u) {
+        lane(w, j).result = m;
+        lane(w, j).state = FState::Runnable;
+        lane(w, j).epoch = epoch;
+      }
+  }
+  return true;
+}
+
 // Called after a full round (no fiber runnable). Returns false when all exited.
 bool Runner::resolve() {
   ++epoch;
   const unsigned nwarps = (nthreads + 31) / 32;
-  bool progress = false, warp_waiters = false, active_waiters = false;
+  bool progress = false, warp_waiters = false;
   Fiber* stuck = nullptr;
-  for (unsigned w = 0; w < nwarps; ++w) {
-    const unsigned n = lanes_in_warp(w);
-    for (unsigned l = 0; l < n; ++l) {
-      Fiber& f = lane(w, l);
-      if (f.state != FState::Waiting || is_barrier(f.op) || f.epoch == epoch) continue;
-      if (f.op == Op::ActiveMask) {
-        active_waiters = true;
-        continue;
-      }
-      warp_waiters = true;
-      bool ok = true;
-      for (unsigned j = 0; j < 32 && ok; ++j) {
-        if (!((f.mask >> j) & 1u)) continue;
-        if (j >= n) {
-          ok = false;
-          break;
-        }
-        Fiber& g = lane(w, j);
-        ok = g.state == FState::Waiting && g.epoch != epoch && g.op == f.op && g.mask == f.mask &&
-             (f.op == Op::SyncWarp || same_site(g, f));
-      }
-      if (ok) {
-        complete_warp_group(w, f.mask, f.op);
-        progress = true;
-      } else if (!stuck) {
-        stuck = &f;
-      }
-    }
-  }
+  for (unsigned w = 0; w < nwarps; ++w) progress |= resolve_warp(w, warp_waiters, stuck);
   if (progress) return true;
-  if (active_waiters) {
-    // Lanes of a warp waiting at the same __activemask call are the converged set.
-    for (unsigned w = 0; w < nwarps; ++w) {
-      const unsigned n = lanes_in_warp(w);
-      for (unsigned l = 0; l < n; ++l) {
-        Fiber& f = lane(w, l);
-        if (f.state != FState::Waiting || f.op != Op::ActiveMask || f.epoch == epoch) continue;
-        unsigned m = 0;
-        for (unsigned j = l; j < n; ++j) {
-          Fiber& g = lane(w, j);
-          if (g.state == FState::Waiting && g.op == Op::ActiveMask && same_site(g, f)) m |= 1u << j;
-        }
-        for (unsigned j = l; j < n; ++j)
-          if ((m >> j) & 1u) {
-            lane(w, j).result = m;
-            lane(w, j).state = FState::Runnable;
-            lane(w, j).epoch = epoch;
-          }
-      }
-    }
-    return true;
-  }
   if (warp_waiters) diagnose_warp(*stuck);
   return resolve_barrier();
+}
+
+void Runner::run_fiber(Fiber& f) {
+  if (!f.started) start_fiber(f);
+  resume(f);
+  if (f.state == FState::Faulted) {
+    const uint3 t = f.pub.tid;
+    fail("thread " + std::to_string(f.pub.linear) + " (threadIdx " + std::to_string(t.x) + "," +
+         std::to_string(t.y) + "," + std::to_string(t.z) + "): " + f.error);
+  }
+}
+
+template <typename Rng>
+void Runner::run_warp_to_barrier(unsigned w, Rng& rng) {
+  const unsigned n = lanes_in_warp(w);
+  unsigned lanes[32];
+  for (unsigned l = 0; l < n; ++l) lanes[l] = l;
+  for (;;) {
+    for (unsigned i = n; i > 1; --i) std::swap(lanes[i - 1], lanes[rng.below(i)]);
+    for (unsigned i = 0; i < n; ++i) {
+      Fiber& f = lane(w, lanes[i]);
+      if (f.state == FState::Runnable) run_fiber(f);
+    }
+    ++epoch;
+    bool warp_waiters = false;
+    Fiber* stuck = nullptr;
+    // Nothing completed: every lane waits at a block barrier or has exited (or the warp is stuck
+    // at a collective, which resolve() diagnoses once the other warps have run).
+    if (!resolve_warp(w, warp_waiters, stuck)) return;
+  }
 }
 
 void Runner::run_block(const LaunchDesc& d, const OrderCfg& ord, std::uint64_t linear) {
@@ -835,18 +872,22 @@ void Runner::run_block(const LaunchDesc& d, const OrderCfg& ord, std::uint64_t l
     }
   } scope(this);
 
+  // Forward / reverse: every runnable thread runs to its next warp collective or barrier, round
+  // after round, so the warps of a block advance together. Random: between two block barriers the
+  // warps run one at a time, in a random order (lanes shuffled within the warp): the GPU may run
+  // a warp that far ahead of the others, and a missing __syncthreads then shows as a wrong result
+  // (one warp overwrites shared memory before another has read it, or reads it before it is written).
+  const unsigned nwarps = (nthreads + 31) / 32;
+  std::vector<unsigned> worder(nwarps);
+  for (unsigned w = 0; w < nwarps; ++w) worder[w] = w;
   for (;;) {
-    if (ord.kind == OrderKind::Random)
-      for (unsigned i = nthreads; i > 1; --i) std::swap(order[i - 1], order[rng.below(i)]);
-    for (unsigned k = 0; k < nthreads; ++k) {
-      Fiber& f = fibers[order[k]];
-      if (f.state != FState::Runnable) continue;
-      if (!f.started) start_fiber(f);
-      resume(f);
-      if (f.state == FState::Faulted) {
-        const uint3 t = f.pub.tid;
-        fail("thread " + std::to_string(f.pub.linear) + " (threadIdx " + std::to_string(t.x) + "," +
-             std::to_string(t.y) + "," + std::to_string(t.z) + "): " + f.error);
+    if (ord.kind == OrderKind::Random) {
+      for (unsigned i = nwarps; i > 1; --i) std::swap(worder[i - 1], worder[rng.below(i)]);
+      for (unsigned w : worder) run_warp_to_barrier(w, rng);
+    } else {
+      for (unsigned k = 0; k < nthreads; ++k) {
+        Fiber& f = fibers[order[k]];
+        if (f.state == FState::Runnable) run_fiber(f);
       }
     }
     if (!resolve()) break;

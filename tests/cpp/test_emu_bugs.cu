@@ -213,6 +213,51 @@ EMU_TEST(missing_barrier_gives_wrong_results) {
   pyllm_emu::set_order(nullptr);
 }
 
+// 5. Missing __syncthreads before a shared tile is overwritten, where every warp reaches the
+// write through warp collectives: run in step (forward / reverse order) every warp reads the
+// tile before any warp writes it, which hides the bug; on a GPU a warp may run ahead to its
+// write. The random order runs the warps of a block one at a time between barriers, so the
+// first warp's write lands before the other warps read.
+__global__ void reuse_tile_kernel(const float* in, float* out, bool with_barrier) {
+  __shared__ float s[128];
+  const unsigned t = threadIdx.x, lane = t % 32, w = t / 32;
+  s[t] = in[blockIdx.x * blockDim.x + t];
+  __syncthreads();
+  float total = 0.f;
+  for (int r = 0; r < 4; ++r) {  // every warp sums the whole tile, a warp reduction per 32 values
+    float v = s[r * 32 + lane];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    total += v;
+  }
+  if (with_barrier) __syncthreads();  // BUG when false: the tile is overwritten while others read it
+  s[t] = total + (float)w;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + t] = s[(t + 32) % 128];
+}
+
+EMU_TEST(missing_barrier_between_warps_shows_in_random_order) {
+  const int blocks = 3, threads = 128, n = blocks * threads;
+  std::vector<float> in(n);
+  for (int i = 0; i < n; ++i) in[i] = (float)(i % 13);
+  auto right = [&](bool barrier, const char* ord) {
+    pyllm_emu::set_order(ord);
+    std::vector<float> out(n, -1.f);
+    auto k = reuse_tile_kernel;
+    PYLLM_LAUNCH(k, blocks, threads, 0, nullptr, in.data(), out.data(), barrier);
+    bool ok = true;
+    for (int b = 0; b < blocks; ++b) {
+      float total = 0.f;
+      for (int t = 0; t < threads; ++t) total += in[b * threads + t];
+      for (int t = 0; t < threads; ++t) ok = ok && out[b * threads + t] == total + (float)(((t + 32) % 128) / 32);
+    }
+    return ok;
+  };
+  for (const char* ord : emu_test::orders()) EMU_CHECK_MSG(right(true, ord), std::string("with barrier, order ") + ord);
+  for (const char* ord : {"random:1", "random:12345"})
+    EMU_CHECK_MSG(!right(false, ord), std::string("missing barrier not exposed, order ") + ord);
+  pyllm_emu::set_order(nullptr);
+}
+
 // ---------------------------------------------------------------------------
 // Other errors: traps, nested launches, bad configurations, bad env values.
 // ---------------------------------------------------------------------------
