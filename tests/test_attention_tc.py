@@ -329,7 +329,7 @@ def test_dispatch_and_simt_switch(monkeypatch):
 
 
 # ------------------------------------------------------------------------- backward
-# fp16/bf16 with head dims <= 128: attention_backward runs the tensor-core backward
+# fp16/bf16 with head dims <= 256: attention_backward runs the tensor-core backward
 # (csrc/cuda/attention_tc_bwd.cu); gradients are judged by the shared rule at 3x torch's error.
 def run_tc_bwd(go, q, k, v, out, lse, mask=None, scale=None, causal=False, bottom_right=False, window=(-1, -1),
                dropout_p=0.0, seed=0, alibi=None, mask_grad=False, expect_tc=True):
@@ -408,7 +408,8 @@ def check_bwd(q, k, v, mask=None, causal=False, alignment="top_left", window=Non
     return dq, dk, dv
 
 
-BWD_HEAD_DIMS = [32, 64, 80, 128]  # 32 -> the 64 instantiation, 80 -> 128
+# 32 -> the 64 instantiation, 80 -> 128; 160 and 256 -> 256 (two CTAs per key block, 128 columns each)
+BWD_HEAD_DIMS = [32, 64, 80, 128, 160, 256]
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -496,18 +497,38 @@ def test_bwd_noncontiguous_inputs(layout):
     check_bwd(q, k, v, causal=True, what=layout)
 
 
-def test_bwd_large_head_dims_keep_simt():
-    gen = torch.Generator().manual_seed(3)
-    q, k, v = (rnd((1, 2, n, 160), torch.float16, gen) for n in (20, 30, 30))
-    check_bwd(q, k, v, what="d=160 (SIMT backward)", expect_tc=False)
+@pytest.mark.parametrize("d,dv", [(136, 200), (256, 64), (48, 256)])
+def test_bwd_split_columns_different_v_head_dims(d, dv):
+    """Above 128 (of either head dim) the key block's two CTAs each own 128 columns of dK, dV and
+    dQ; a part whose columns are all padding (d=136: dK's second part holds 8 real columns;
+    dv=64: dV's second part none) must write nothing but still add its dK / dQ share."""
+    gen = torch.Generator().manual_seed(d * 3 + dv)
+    q, k = (rnd((1, 2, n, d), torch.bfloat16, gen) for n in (45, 81))
+    v = rnd((1, 2, 81, dv), torch.bfloat16, gen)
+    check_bwd(q, k, v, causal=True, alignment="bottom_right", what=f"d={d} dv={dv}")
 
 
-def test_bwd_deterministic_mode_bit_identical():
+@pytest.mark.skipif(not _ext.HAS_C, reason=f"takes the dropout keep mask from the native CPU kernel ({_ext.C_ERROR})")
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_bwd_split_columns_masks_gqa_dropout(dtype):
+    """Head dim 192 (the 256 instantiation): GQA with a window, an additive mask with its gradient
+    (dS written by one of the two column parts), dropout replayed in both parts."""
+    gen = torch.Generator().manual_seed(29)
+    q = rnd((1, 4, 40, 192), dtype, gen)
+    k, v = rnd((1, 2, 70, 192), dtype, gen), rnd((1, 2, 70, 192), dtype, gen)
+    check_bwd(q, k, v, causal=True, alignment="bottom_right", window=(24, 0), what="gqa window")
+    mask = masks(1, 4, 40, 70, dtype, gen)["t5_bias_pad"]
+    check_bwd(q, k, v, mask=mask, what="t5_bias_pad")
+    check_bwd(q, k, v, dropout=(0.25, 5), what="dropout")
+
+
+@pytest.mark.parametrize("d", [64, 192])
+def test_bwd_deterministic_mode_bit_identical(d):
     """torch.use_deterministic_algorithms(True): dQ from the SIMT dq kernel (no atomics): the
     gradients are bit-identical across runs and across the emulator's block orders, and right."""
     gen = torch.Generator().manual_seed(8)
-    q = rnd((2, 4, 97, 64), torch.bfloat16, gen)
-    k, v = rnd((2, 2, 150, 64), torch.bfloat16, gen), rnd((2, 2, 150, 64), torch.bfloat16, gen)
+    q = rnd((2, 4, 97, d), torch.bfloat16, gen)
+    k, v = rnd((2, 2, 150, d), torch.bfloat16, gen), rnd((2, 2, 150, d), torch.bfloat16, gen)
     mask = masks(2, 4, 97, 150, torch.bfloat16, gen)["t5_bias_pad"]
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

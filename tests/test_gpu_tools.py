@@ -160,18 +160,35 @@ def test_bwd_step_work_counts_the_kernel_loops():
     assert w["atomics"] == 32 * 64 and w["exps"] == 64 * 32 and w["cp_bytes"] == 2 * 32 * 64 * 2
 
 
+def test_bwd_step_work_counts_the_split_column_parts():
+    """Head dim 256 in two column parts: each CTA runs S^T and dP^T over all 256 columns and dV, dK,
+    dQ over its 128; only the useful share counts as FLOPs."""
+    from pyllm.tools import gpu_model_bwd as m
+
+    c = {"head_dim": 256, "keys": 64, "queries": 16, "threads": 128, "smem": 84 * 1024, "split": 2}
+    w = m.step_work(c)
+    tiles = (64 // 16) * (16 // 8)  # m16n8 output tiles of keys x queries
+    assert w["mma"] == 2 * tiles * (256 // 16) + 3 * tiles * (128 // 16)
+    assert w["flops"] == 5 * 2 * 64 * 16 * 256 // 2
+    # per warp: S^T/dP^T 16 k-steps x (K + V + Q + dO); dV/dK 1 x 8 x 2; dQ: 4 key steps x 1 dS A per
+    # warp + 4 x 8 K B (one row block; the 8 column pairs split over 4 warps)
+    assert w["ldsm_bytes"] == (4 * 16 * (2 + 2) + 4 * 8 * 2 + (4 * 4 + 4 * 8)) * 512
+    assert w["atomics"] == 16 * 128 and w["exps"] == 64 * 16 and w["cp_bytes"] == 2 * 16 * 256 * 2
+
+
 @pytest.mark.skipif(not _ext.HAS_EMU, reason=f"reads the tile configs from pyllm._C_emu ({_ext.C_EMU_ERROR})")
 def test_bwd_model_renders_from_the_kernel_configs():
     from pyllm.tools import gpu_model_bwd as m
 
     cfgs = {c["head_dim"]: c for c in m.configs()}
-    assert sorted(cfgs) == [64, 128] and all(c["keys"] == 64 and c["threads"] == 128 for c in cfgs.values())
+    assert sorted(cfgs) == [64, 128, 256] and all(c["keys"] == 64 and c["threads"] == 128 for c in cfgs.values())
+    assert [cfgs[d]["split"] for d in (64, 128, 256)] == [1, 1, 2]
     for d, c in cfgs.items():
         assert c["smem"] <= 99 * 1024, f"head dim {d}: two CTAs per A100 SM need <= ~80 KiB each"
     rows = gpu_model.parse_ptxas(BWD_PTXAS)
     text = m.render(rows, 1.0)
     assert text.startswith(m.BEGIN) and text.endswith(m.END)
-    assert "| 64 | 64 x 32 |" in text and "| 228 / 230 | 0 / 12 |" in text
+    assert "| 64 | 64 x 32 | 1 |" in text and "| 228 / 230 | 0 / 12 |" in text
     e = m.estimate(cfgs[64], 230, gpu_model.GPUS[0])
     f = m.estimate(m.FA2_BWD_TILES[64], 255, gpu_model.GPUS[0])
     assert e["ctas"] >= 1 and f["ctas"] >= 1 and 0 < e["tflops"] < 312 and 0 < f["tflops"] < 312

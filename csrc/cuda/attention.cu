@@ -437,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const bool want_dmask = mask_grad && m.defined() && m.scalar_type() != at::kBool;
   at::Tensor dmask = want_dmask ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, fopt) : at::empty({0}, fopt);
   if (p.B * p.Hq * p.Lq > 0 && p.Lk > 0) {
-    // fp16/bf16 with head dims <= 128: dK, dV (and dQ by atomics) on tensor cores. Deterministic
+    // fp16/bf16 with head dims <= 256: dK, dV (and dQ by atomics) on tensor cores. Deterministic
     // mode (torch.use_deterministic_algorithms) takes dQ, and the mask's gradient, from the SIMT
     // dq kernel instead: one warp per query row, a fixed summation order.
     const bool tc = attention_tc_bwd_eligible(query, value);

@@ -47,17 +47,17 @@ void attention_tc_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
                           at::Tensor& out, at::Tensor& lse);
 
 // ---- backward (attention_tc_bwd.cu)
-// Largest head dim (of q/k and of v) the tensor-core backward serves; above, the SIMT kernels.
-constexpr int64_t kTcBwdMaxHeadDim = 128;
+// Largest head dim (of q/k and of v) the tensor-core backward serves (the forward's).
+constexpr int64_t kTcBwdMaxHeadDim = 256;
 
-// True when attention_tc_backward serves these inputs (attention_tc_eligible and head dims <= 128).
+// True when attention_tc_backward serves these inputs (attention_tc_eligible and head dims <= 256).
 bool attention_tc_bwd_eligible(const at::Tensor& q, const at::Tensor& v);
 
-// The padded head dim (template instantiation, 64 or 128) of the backward; 0 if none.
+// The padded head dim (template instantiation: 64, 128 or 256) of the backward; 0 if none.
 int attention_tc_bwd_head_dim(int64_t d, int64_t dv);
 
 // One row per backward instantiation: {head dim, keys per CTA, queries per step, threads per CTA,
-// dynamic shared memory bytes}.
+// dynamic shared memory bytes, CTAs per key block (column parts of dK / dV / dQ)}.
 std::vector<std::vector<int64_t>> attention_tc_bwd_configs();
 
 // Adds dQ (unscaled: the caller multiplies by the softmax scale) into dq (fp32 [B, Hq, Lq, D],

@@ -1,5 +1,5 @@
-// Tensor-core attention backward for fp16/bf16, head dims <= 128 (FlashAttention-2's backward
-// design, pyllm's code). Larger head dims and fp32 keep the SIMT kernels (attention.cu).
+// Tensor-core attention backward for fp16/bf16, head dims <= 256 (FlashAttention-2's backward
+// design, pyllm's code). fp32 keeps the SIMT kernels (attention.cu).
 //
 // CTA = 4 warps = 64 keys of one (batch, kv head); warp w owns keys 16w..16w+15. The CTA loads
 // its K and V rows once and walks every query tile (kM = 32 queries at head dim <= 64, 16 above,
@@ -16,6 +16,10 @@
 // blocks and column halves, and adds it into an fp32 dQ buffer with atomicAdd (converted and
 // scaled on the host). Deterministic mode (torch.use_deterministic_algorithms) skips that phase
 // and the host computes dQ with the SIMT dq kernel (one warp per query row, no atomics).
+// Head dims above 128 split the columns (kSplit = 2): dK and dV of 64 keys x 256 columns do not fit
+// in registers, so kSplit CTAs share a key block, each computing the full S^T and dP^T (a
+// reduction over every column of the head dim) but accumulating only its own 128 columns of dK, dV
+// and dQ: S^T and dP^T are computed twice (7 products' worth of tensor work where 5 are needed).
 // delta = rowsum(dO * O) comes from the host (fp64 products). Masks: everything the forward
 // takes (causal / windows from AttnGeom, bool / additive masks via RowIndexer with the
 // additive mask's gradient dS written once per (row, key), ALiBi, dropout replayed from the
@@ -56,22 +60,29 @@ struct TcBwdParams : AttnFeatures {
 template <int kD>
 struct BwdTile {
   using Row = TcTile<kD>;                         // K, V, Q, dO rows: kD / 8 chunks, swizzled
+  // Column parts: each CTA of a key block owns kDH = kD / kSplit columns of dK, dV and dQ.
+  static constexpr int kSplit = kD <= 128 ? 1 : 2;
+  static constexpr int kDH = kD / kSplit;
   // Queries per step: 32 at head dim 64, 16 at 128 (more spills registers: the dK and dV
-  // accumulators already take kD / 2 each; ptxas -v, docs/GPU.md).
-  static constexpr int kM = kD <= 64 ? 32 : 16;
+  // accumulators already take kDH / 2 each; ptxas -v, docs/GPU.md).
+  static constexpr int kM = kDH <= 64 ? 32 : 16;
   using Ds = TcLayout<kM / 8>;                    // dS^T: kBwdKeys rows (keys) x kM queries
   static constexpr int kRowBlocks = kM / 16;      // dQ phase: 16-query row blocks ...
   static constexpr int kColSplit = kTcWarps / kRowBlocks;  // ... each shared by this many warps
   static constexpr int kOffV = 16 * kBwdKeys * Row::kPitch;
   static constexpr int kOffQ = 2 * kOffV;
   static constexpr int kOffDO = kOffQ + 16 * kM * Row::kPitch;
-  static constexpr int kOffDS = kOffDO + 16 * kM * Row::kPitch;
-  static constexpr int kOffLse = kOffDS + 16 * kBwdKeys * Ds::kPitch;
+  // With column parts (head dim 256) the dS^T tile reuses the dO tile's space once dV's products
+  // have read it (one more barrier per step): 80 KiB instead of 83, two CTAs per A100 SM.
+  static constexpr bool kDsOverDO = kSplit > 1;
+  static constexpr int kOffDS = kDsOverDO ? kOffDO : kOffDO + 16 * kM * Row::kPitch;
+  static constexpr int kOffLse = (kDsOverDO ? kOffDO + 16 * kM * Row::kPitch : kOffDS + 16 * kBwdKeys * Ds::kPitch);
   static constexpr int kOffDelta = kOffLse + 4 * kM;
   static constexpr int kOffMask = kOffDelta + 4 * kM;             // mask row offsets (int64)
   static constexpr size_t kSmemBytes = kOffMask + 8 * kM;
-  static_assert((kD / 8) % (2 * kColSplit) == 0, "dQ column split");
+  static_assert((kDH / 8) % (2 * kColSplit) == 0, "dQ column split");
   static_assert((kM * (kD / 8)) % kTcThreads == 0, "loader split");
+  static_assert(!kDsOverDO || kBwdKeys * Ds::kPitch <= kM * Row::kPitch, "dS^T fits in the dO tile");
 };
 
 // Minimum CTAs per SM (ptxas heuristics, measured with -Xptxas -v): at head dim 64 without it ptxas
@@ -82,14 +93,21 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
   using Ds = typename Bt::Ds;
   constexpr int kM = Bt::kM;
   constexpr int kNT = kM / 8;   // S^T n-tiles (queries)
-  constexpr int kOT = kD / 8;   // dK / dV n-tiles (head dim)
-  constexpr int kKS = kD / 16;  // k-steps over the head dim
+  constexpr int kOT = Bt::kDH / 8;  // dK / dV n-tiles (this CTA's columns of the head dim)
+  constexpr int kKS = kD / 16;      // k-steps over the head dim
   constexpr int kOTq = kOT / Bt::kColSplit;  // dQ n-tiles per warp
   if (p.skip_if != nullptr && *p.skip_if) return;  // uniform: the SIMT kernels serve this call
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  // The kSplit CTAs of a key block are adjacent (they read the same K, V, Q and dO).
+  const int part = (int)(blockIdx.x % Bt::kSplit);
+  // Byte offset of this CTA's first column in a K / Q / dO tile row: a whole number of 8-chunk
+  // groups, so it commutes with the XOR swizzle and TcLane::at keeps compile-time chunk indices.
+  static_assert(Bt::kSplit == 1 || kOT % 8 == 0, "column parts of whole 8-chunk groups");
+  const int coff = part * 16 * kOT;
+  const int64_t blk = (int64_t)blockIdx.x / Bt::kSplit;
   const int64_t nkt = (p.Lk + kBwdKeys - 1) / kBwdKeys;
-  const int64_t bkv = (int64_t)blockIdx.x / nkt, b = bkv / p.Hkv, kvh = bkv % p.Hkv;
-  const int64_t j0 = ((int64_t)blockIdx.x % nkt) * kBwdKeys;
+  const int64_t bkv = blk / nkt, b = bkv / p.Hkv, kvh = bkv % p.Hkv;
+  const int64_t j0 = (blk % nkt) * kBwdKeys;
   const int64_t j1 = j0 + kBwdKeys < p.Lk ? j0 + kBwdKeys : p.Lk;
 
   unsigned char* smem = pyllm_dynamic_smem<unsigned char>();
@@ -115,6 +133,7 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
     kvalid[r] = kj[r] < p.Lk;
   }
   const bool elementwise = p.mask_kind != kMaskNone || p.alibi != nullptr || p.dropout;
+  float* const dmask = part == 0 ? p.dmask : nullptr;  // every part computes the same dS: one writes it
 
   float dk[kOT][4], dv[kOT][4];
 #pragma unroll
@@ -219,7 +238,7 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
               pv = pr * z;
               ds = pr * (dp[n][e] * z - sdelta[col]);
             }
-            if (p.dmask != nullptr) p.dmask[rid * p.Lk + j] = ds;
+            if (dmask != nullptr) dmask[rid * p.Lk + j] = ds;
           }
           s[n][e] = pv;
           dp[n][e] = ds;
@@ -238,7 +257,7 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
         da[kk][2] = pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
         da[kk][3] = pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
       }
-      if (p.dq != nullptr) {  // dS^T rows of this warp's keys, for the dQ phase
+      auto store_ds = [&] {  // dS^T rows of this warp's keys, for the dQ phase
 #pragma unroll
         for (int kk = 0; kk < kM / 16; ++kk)
 #pragma unroll
@@ -246,22 +265,44 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
             const int n = 2 * kk + x / 2, r = x % 2;
             *reinterpret_cast<uint32_t*>(sds + Ds::off(warp * 16 + lane / 4 + 8 * r, n) + 4 * (lane % 4)) = da[kk][x];
           }
-      }
+      };
       // dV_w += (P^T z) dO and dK_w += dS^T Q.
+      auto dv_step = [&](int kk, int np) {
+        uint32_t bf[4];
+        tc::ldmatrix_x4_trans(bf, sdo + tlane.at(2 * kk + trow, np) + coff);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        tc::mma_m16n8k16<T>(dv[2 * np], pa[kk], b0, dv[2 * np]);
+        tc::mma_m16n8k16<T>(dv[2 * np + 1], pa[kk], b1, dv[2 * np + 1]);
+      };
+      auto dk_step = [&](int kk, int np) {
+        uint32_t bf[4];
+        tc::ldmatrix_x4_trans(bf, sq + tlane.at(2 * kk + trow, np) + coff);
+        const uint32_t q0[2] = {bf[0], bf[1]}, q1[2] = {bf[2], bf[3]};
+        tc::mma_m16n8k16<T>(dk[2 * np], da[kk], q0, dk[2 * np]);
+        tc::mma_m16n8k16<T>(dk[2 * np + 1], da[kk], q1, dk[2 * np + 1]);
+      };
+      if constexpr (!Bt::kDsOverDO) {
+        if (p.dq != nullptr) store_ds();
 #pragma unroll
-      for (int kk = 0; kk < kM / 16; ++kk) {
+        for (int kk = 0; kk < kM / 16; ++kk)
 #pragma unroll
-        for (int np = 0; np < kOT / 2; ++np) {
-          uint32_t bf[4];
-          tc::ldmatrix_x4_trans(bf, sdo + tlane.at(2 * kk + trow, np));
-          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-          tc::mma_m16n8k16<T>(dv[2 * np], pa[kk], b0, dv[2 * np]);
-          tc::mma_m16n8k16<T>(dv[2 * np + 1], pa[kk], b1, dv[2 * np + 1]);
-          tc::ldmatrix_x4_trans(bf, sq + tlane.at(2 * kk + trow, np));
-          const uint32_t q0[2] = {bf[0], bf[1]}, q1[2] = {bf[2], bf[3]};
-          tc::mma_m16n8k16<T>(dk[2 * np], da[kk], q0, dk[2 * np]);
-          tc::mma_m16n8k16<T>(dk[2 * np + 1], da[kk], q1, dk[2 * np + 1]);
+          for (int np = 0; np < kOT / 2; ++np) {
+            dv_step(kk, np);
+            dk_step(kk, np);
+          }
+      } else {  // dV first; dS^T then overwrites dO while dK runs
+#pragma unroll
+        for (int kk = 0; kk < kM / 16; ++kk)
+#pragma unroll
+          for (int np = 0; np < kOT / 2; ++np) dv_step(kk, np);
+        if (p.dq != nullptr) {
+          __syncthreads();  // every warp's reads of sdo are done
+          store_ds();
         }
+#pragma unroll
+        for (int kk = 0; kk < kM / 16; ++kk)
+#pragma unroll
+          for (int np = 0; np < kOT / 2; ++np) dk_step(kk, np);
       }
       if (p.dq == nullptr) continue;  // uniform: deterministic mode computes dQ separately
 
@@ -278,7 +319,7 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
 #pragma unroll
         for (int np = 0; np < kOTq / 2; ++np) {
           uint32_t bf[4];
-          tc::ldmatrix_x4_trans(bf, sk + tlane.at(2 * kk + trow, cs * (kOTq / 2) + np));
+          tc::ldmatrix_x4_trans(bf, sk + tlane.at(2 * kk + trow, cs * (kOTq / 2) + np) + coff);
           const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
           tc::mma_m16n8k16<T>(acc[2 * np], a, b0, acc[2 * np]);
           tc::mma_m16n8k16<T>(acc[2 * np + 1], a, b1, acc[2 * np + 1]);
@@ -291,7 +332,7 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
         float* row = p.dq + (rbase + i) * p.D;
 #pragma unroll
         for (int n = 0; n < kOTq; ++n) {
-          const int col = (cs * kOTq + n) * 8 + 2 * (lane % 4);
+          const int col = (part * kOT + cs * kOTq + n) * 8 + 2 * (lane % 4);
           if (col < p.D) atomicAdd(row + col, acc[n][2 * r]);
           if (col + 1 < p.D) atomicAdd(row + col + 1, acc[n][2 * r + 1]);
         }
@@ -307,7 +348,7 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
     float* dvr = p.dv + (bkv * p.Lk + kj[r]) * p.Dv;
 #pragma unroll
     for (int n = 0; n < kOT; ++n) {
-      const int col = n * 8 + 2 * (lane % 4);
+      const int col = (part * kOT + n) * 8 + 2 * (lane % 4);
       if (col < p.D) dkr[col] = dk[n][2 * r] * p.scale;
       if (col + 1 < p.D) dkr[col + 1] = dk[n][2 * r + 1] * p.scale;
       if (col < p.Dv) dvr[col] = dv[n][2 * r];
@@ -320,7 +361,7 @@ template <typename T, int kD>
 void launch_bwd(const TcBwdParams& p, int64_t B) {
   using Bt = BwdTile<kD>;
   auto kern = attn_tc_bwd_kernel<T, kD>;
-  const int64_t blocks = B * p.Hkv * ((p.Lk + kBwdKeys - 1) / kBwdKeys);
+  const int64_t blocks = B * p.Hkv * ((p.Lk + kBwdKeys - 1) / kBwdKeys) * Bt::kSplit;
   TORCH_CHECK(blocks <= 0x7fffffff, "pyllm: attention backward grid too large (", blocks, " CTAs)");
   if (Bt::kSmemBytes > 48 * 1024) {
     const cudaError_t err =
@@ -334,14 +375,14 @@ void launch_bwd(const TcBwdParams& p, int64_t B) {
 template <int kD>
 void add_bwd_config(std::vector<std::vector<int64_t>>& out) {
   using Bt = BwdTile<kD>;
-  out.push_back({kD, kBwdKeys, Bt::kM, kTcThreads, (int64_t)Bt::kSmemBytes});
+  out.push_back({kD, kBwdKeys, Bt::kM, kTcThreads, (int64_t)Bt::kSmemBytes, Bt::kSplit});
 }
 
 }  // namespace
 
 int attention_tc_bwd_head_dim(int64_t d, int64_t dv) {
   const int64_t m = d > dv ? d : dv;
-  return m <= 64 ? 64 : (m <= kTcBwdMaxHeadDim ? 128 : 0);
+  return m <= 64 ? 64 : (m <= 128 ? 128 : (m <= kTcBwdMaxHeadDim ? 256 : 0));
 }
 
 bool attention_tc_bwd_eligible(const at::Tensor& q, const at::Tensor& v) {
@@ -352,6 +393,7 @@ std::vector<std::vector<int64_t>> attention_tc_bwd_configs() {
   std::vector<std::vector<int64_t>> out;
   add_bwd_config<64>(out);
   add_bwd_config<128>(out);
+  add_bwd_config<256>(out);
   return out;
 }
 
@@ -398,6 +440,7 @@ void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const
   switch (kd) {
     case 64: return half ? launch_bwd<__half, 64>(p, B) : launch_bwd<__nv_bfloat16, 64>(p, B);
     case 128: return half ? launch_bwd<__half, 128>(p, B) : launch_bwd<__nv_bfloat16, 128>(p, B);
+    case 256: return half ? launch_bwd<__half, 256>(p, B) : launch_bwd<__nv_bfloat16, 256>(p, B);
     default: TORCH_CHECK(false, "pyllm: no tensor-core attention backward for head dims ", query.size(3), ", ",
                          value.size(3));
   }

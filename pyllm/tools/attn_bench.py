@@ -58,7 +58,7 @@ def cases(quick: bool, device) -> list[dict]:
         return [dict(kind="prefill", b=1, h=2, hkv=2, lq=64, lk=64, d=64, causal=c) for c in (False, True)] + [
             dict(kind="decode", b=1, h=4, hkv=1, lq=1, lk=128, d=64, causal=True)]
     out = []
-    for d in (64, 128):
+    for d in (64, 128, 256):  # 256: the backward's two-CTAs-per-key-block instantiation
         for seq in (1024, 2048, 4096, 8192, 16384):
             b, h = max(1, 16384 // seq), 2048 // d  # FA2's benchmark: 16k tokens, hidden 2048
             for causal in (False, True):

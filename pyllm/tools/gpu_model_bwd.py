@@ -18,19 +18,21 @@ SOURCE = "csrc/cuda/attention_tc_bwd.cu"
 BEGIN, END = "<!-- gpu-model-bwd:begin -->", "<!-- gpu-model-bwd:end -->"
 
 # FlashAttention-2 backward, sm80, >= 144 KiB shared memory per block: head dim 64: 128 queries x
-# 128 keys, 8 warps; head dim 128: 64 queries x 128 keys, 8 warps (Flash_bwd_kernel_traits).
-# Shared memory: Q and dO double-buffered, K, V, dS and P (the fp32 dQ staging reuses it; approximate).
-FA2_BWD_TILES = {64: dict(head_dim=64, keys=128, queries=128, threads=256),
-                 128: dict(head_dim=128, keys=128, queries=64, threads=256)}
+# 128 keys, 8 warps; head dim 128: 64 queries x 128 keys, 8 warps; head dim 256: 64 x 64, 8 warps
+# (Flash_bwd_kernel_traits). Shared memory: Q and dO double-buffered (single at 256: FA2's A100
+# setting, No_double_buffer), K, V, dS and P (the fp32 dQ staging reuses it; approximate).
+FA2_BWD_TILES = {64: dict(head_dim=64, keys=128, queries=128, threads=256, split=1, qdo_buffers=2),
+                 128: dict(head_dim=128, keys=128, queries=64, threads=256, split=1, qdo_buffers=2),
+                 256: dict(head_dim=256, keys=64, queries=64, threads=256, split=1, qdo_buffers=1)}
 for _c in FA2_BWD_TILES.values():
     _d, _n, _m = _c["head_dim"], _c["keys"], _c["queries"]
-    _c["smem"] = 2 * (2 * 2 * _m * _d + 2 * _n * _d + 2 * _n * _m)
+    _c["smem"] = 2 * (_c["qdo_buffers"] * 2 * _m * _d + 2 * _n * _d + 2 * _n * _m)
 
 
 def configs() -> list[dict]:
     import pyllm._C_emu as emu
 
-    keys = ["head_dim", "keys", "queries", "threads", "smem"]
+    keys = ["head_dim", "keys", "queries", "threads", "smem", "split"]
     return [dict(zip(keys, row)) for row in emu.attention_tc_bwd_configs()]
 
 
@@ -38,23 +40,28 @@ def step_work(c: dict) -> dict:
     """Work of one CTA for one query tile (no mask, no dropout), counted from the kernel's loops:
     five m16n8k16 products (S^T, dP^T, dV, dK, dQ) of keys x queries x head dim each; ldmatrix
     of the operands; cp.async of the Q and dO tiles; the dS^T tile written to shared memory; the
-    dQ tile added to global memory with fp32 atomics (one per element)."""
-    d, n, m, warps = c["head_dim"], c["keys"], c["queries"], c["threads"] // 32
-    mma = 5 * (n // 16) * (m // 8) * (d // 16)
+    dQ tile added to global memory with fp32 atomics (one per element). With split column parts
+    (head dims above 128: ``split`` CTAs per key block) each CTA computes S^T and dP^T in full and
+    a 1 / split share of dV, dK and dQ: ``mma`` counts what runs, ``flops`` only the useful share
+    (5 products / split), the quantity TFLOP/s figures count."""
+    d, n, m, warps, s = c["head_dim"], c["keys"], c["queries"], c["threads"] // 32, c.get("split", 1)
+    dh = d // s
+    mma = (2 * d + 3 * dh) * (n // 16) * (m // 8) // 16
+    useful = 5 * (n // 16) * (m // 8) * (d // 16) / s
     per_warp_keys = n // warps
     kts = per_warp_keys // 16
     # S^T and dP^T: per k-step, A of K and V (one x4 each per 16 keys), B of Q and dO (one x4 per 16 queries)
     ld_s = warps * (d // 16) * (2 * kts + 2 * (m // 16))
     # dV and dK: per 16 queries, B of dO and Q by .trans (one x4 per 16 columns)
-    ld_kv = warps * (m // 16) * (d // 16) * 2
+    ld_kv = warps * (m // 16) * (dh // 16) * 2
     # dQ: every warp loads the A fragment (dS) of its row block per 16 keys; B (K) per 16 keys and
     # 16 columns, the columns split between the warps of a row block
-    ld_q = warps * (n // 16) + (m // 16) * (n // 16) * (d // 16)
+    ld_q = warps * (n // 16) + (m // 16) * (n // 16) * (dh // 16)
     ldsm = ld_s + ld_kv + ld_q
     elems = n * m
     fp32 = elems * 7  # scale, subtract lse, product with dP, subtract delta, product with P, two packs
-    atomics = m * d
-    return {"mma": mma, "flops": mma * 2 * 16 * 8 * 16, "ldsm_bytes": ldsm * 512, "cp_bytes": 2 * m * d * 2,
+    atomics = m * dh
+    return {"mma": mma, "flops": useful * 2 * 16 * 8 * 16, "ldsm_bytes": ldsm * 512, "cp_bytes": 2 * m * d * 2,
             "ds_bytes": 2 * elems, "exps": elems, "fp32": fp32, "atomics": atomics,
             "instr": (mma + ldsm) * 32 + elems + fp32 + (2 * m * d * 2 + 2 * elems) / 16 + atomics}
 
@@ -106,21 +113,22 @@ def render(rows: list[dict], secs: float) -> str:
            f"(nvcc -Xptxas -v on `{SOURCE}`, {secs:.0f} s; tile configuration from the C++ templates). "
            "Do not edit by hand.", "",
            "### Backward: registers, spills, occupancy", "",
-           "| head dim | keys x queries per step | smem / CTA | arch | regs fp16 / bf16 | spill bytes (st+ld) fp16 / bf16 | CTAs/SM |",
-           "|---:|---|---:|---|---|---|---:|"]
+           "| head dim | keys x queries per step | CTAs per key block | smem / CTA | arch | regs fp16 / bf16 | spill bytes (st+ld) fp16 / bf16 | CTAs/SM |",
+           "|---:|---|---:|---:|---|---|---|---:|"]
     sp = lambda r: r["spill_stores"] + r["spill_loads"]  # noqa: E731
     for d, c in sorted(cfg.items()):
         for g in gpu_model.GPUS:
             h, b = by.get((g.arch, "fp16", d)), by.get((g.arch, "bf16", d))
             if not h or not b:
                 continue
-            out.append(f"| {d} | {c['keys']} x {c['queries']} | {c['smem'] / 1024:.1f} KiB | {g.arch} | "
+            out.append(f"| {d} | {c['keys']} x {c['queries']} | {c['split']} | {c['smem'] / 1024:.1f} KiB | {g.arch} | "
                        f"{h['registers']} / {b['registers']} | {sp(h)} / {sp(b)} | "
                        f"{occupancy(c, max(h['registers'], b['registers']), g)} |")
     out += ["", "### Backward: estimated throughput against FlashAttention-2's backward, same model", "",
             "Both columns are this model's estimates (long sequences, no mask); FA2's are its backward tile "
             "shapes put through the same counts with 255 registers. The ratio is the target's measure "
-            "(>= 50% of FA2's backward).", "",
+            "(>= 50% of FA2's backward). TFLOP/s count the useful work (5 products of keys x queries x head "
+            "dim); at head dim 256 this kernel also recomputes S^T and dP^T in its second column part.", "",
             "| GPU | head dim | CTAs/SM | limiter | clocks/step: tensor / smem / exp2 / fp32 / issue | estimate TFLOP/s | FA2 tiles: estimate (limiter) | estimate / FA2 |",
             "|---|---:|---:|---|---|---:|---|---:|"]
     for g in gpu_model.GPUS:
