@@ -106,10 +106,11 @@ def test_norm_row_plan_is_the_kernels():
 
     assert m.row_plan(1024, 4) == (True, 32, True)       # 32 lanes x 32 elements
     assert m.row_plan(1028, 4) == (False, 160, True)     # block mode from 1025: ceil(n / 8) threads, to 32
-    assert m.row_plan(1025, 4)[2] is False               # not a multiple of 16 bytes
+    assert m.row_plan(1025, 4) == (False, 160, True)     # any width: a scalar head and tail
     assert m.row_plan(8192, 2) == (False, 1024, True)    # 1024 threads x 8 elements
-    assert m.row_plan(8200, 2)[2] is False               # past 8 x 1024
-    assert m.row_plan(1020, 2)[2] is False and m.row_plan(1016, 2)[2] is True  # 8-element chunks in bf16
+    assert m.row_plan(8199, 2)[2] is True                # 1024 chunks of 8 and a tail of 7
+    assert m.row_plan(8200, 2)[2] is False               # 1025 chunks: past 8 x 1024
+    assert m.row_plan(16384, 4)[2] is False
 
 
 @pytest.mark.skipif(not _ext.HAS_EMU, reason="emulated CUDA module not built")

@@ -276,11 +276,13 @@ def test_rms_norm_forward_torch_style(backend, n, lead, dtype, has_weight):
     assert_close_to_ref(out_eps, rms64(x, w, 1e-3), tF.rms_norm(x, (n,), w, eps=1e-3))
 
 
-# The CUDA row kernels' two paths (csrc/cuda/common.cuh, norm.cu, softmax.cu): a row held in registers
-# (16-byte loads and stores) when its width is a multiple of 16 bytes and at most 1024 (a warp per row)
-# or 8192 (a block per row); element loops otherwise. Widths on both sides of each limit, every dtype,
-# and tensors starting one element past a 16-byte boundary (element loops): the four norm forwards and
-# masked_softmax forward (bool mask + causal) and backward.
+# The CUDA row kernels' two paths (csrc/cuda/common.cuh RowRegs, norm.cu, softmax.cu): a row held in
+# registers (16-byte loads and stores, a scalar head and tail: odd widths put every row but the
+# first off a 16-byte boundary) up to 1024 (a warp per row) or 8192 (+ a tail; a block per row)
+# elements when its tensors share a 16-byte phase; element loops otherwise. Widths on both sides of
+# each limit, every dtype, and inputs starting one element past a 16-byte boundary (the outputs are
+# fresh, so the phases differ: element loops): the four norm forwards and masked_softmax forward
+# (bool mask + causal) and backward. Dropping the head and tail elements fails the odd widths.
 NORM_PATH_WIDTHS = [1, 7, 8, 97, 1024, 1025, 4096, 8192, 8193]
 
 

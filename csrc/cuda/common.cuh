@@ -98,11 +98,15 @@ struct RowTeam {
 };
 
 // ---- a row held in registers: one read of each input, one write of each output ----
-// Thread tid of a team of `size` (RowTeam) owns the 16-byte chunks tid, tid + size, ... of its row
-// (kVecOf<T> elements each): coalesced 16-byte loads and stores. At most kRegElems<kWarp>
+// A row in memory is a head (the elements before its first 16-byte boundary, fewer than
+// kVecOf<T>), whole 16-byte chunks, and a tail (fewer than kVecOf<T>): RowRegs below. Thread tid of
+// a team of `size` (RowTeam) owns the chunks tid, tid + size, ... (coalesced 16-byte loads and
+// stores) and at most one head and one tail element (scalar). At most kRegElems<kWarp> chunk
 // elements per thread: 32 for a warp (rows up to 1024), 8 for a block (rows up to 8 x 1024
-// threads = 8192). Rows that are longer, not a multiple of 16 bytes, or whose tensors do not
-// start 16-byte aligned take the kernels' element loops, which re-read the row from L1/L2.
+// threads = 8192, plus a head and a tail). Any width and any element offset of the row take this
+// path as long as every tensor of the row has the same 16-byte phase (the usual case: contiguous
+// tensors of one dtype); longer rows, or tensors whose phases differ, take the kernels' element
+// loops, which re-read the row from L1/L2.
 struct alignas(16) Vec16 {
   uint32_t w[4];
 };
@@ -111,17 +115,14 @@ constexpr int kVecOf = 16 / (int)sizeof(T);
 template <bool kWarp>
 constexpr int kRegElems = kWarp ? 32 : 8;
 
-__device__ __forceinline__ bool aligned16(const void* p) { return p == nullptr || (uintptr_t)p % 16 == 0; }
 
+// True if a row of n elements fits the team's registers whatever its 16-byte phase (the most
+// whole chunks a row of n holds is n / kVecOf<T>, when it starts on a boundary).
 template <typename T, bool kWarp>
 PYLLM_HOST_DEVICE inline bool row_fits_regs(int64_t n, int size) {
-  return n % kVecOf<T> == 0 && n <= (int64_t)size * kRegElems<kWarp>;
+  return n / kVecOf<T> <= (int64_t)size * (kRegElems<kWarp> / kVecOf<T>);
 }
 
-// Chunk k of this thread starts at element chunk_start(...) of the row (>= n: past its end).
-__device__ __forceinline__ int64_t chunk_start(int tid, int size, int k, int vec) {
-  return ((int64_t)tid + (int64_t)k * size) * vec;
-}
 
 template <typename T>
 __device__ __forceinline__ void load_chunk(const T* p, float (&out)[kVecOf<T>]) {
@@ -161,19 +162,99 @@ __device__ __forceinline__ void store_chunk(T* p, const float* in) {
   }
 }
 
-// Writes this thread's chunks of a row held in registers with 16-byte stores: value(k, i, j) is
-// element i of chunk k (element j of the row); chunks past the row's end are skipped.
-template <typename TO, int kV, int kChunks, typename F>
-__device__ __forceinline__ void store_row_regs(TO* row, int64_t n, int tid, int size, const F& value) {
-#pragma unroll
-  for (int k = 0; k < kChunks; ++k) {
-    const int64_t j0 = chunk_start(tid, size, k, kV);
-    if (j0 >= n) continue;
-    float o[kV];
-#pragma unroll
-    for (int i = 0; i < kV; ++i) o[i] = value(k, i, j0 + i);
-    store_chunk<TO, kV>(row + j0, o);
+// This thread's part of a row held in registers: slots (k, i) of a float [kChunks + 1][kV]
+// array. Slot k < kChunks is element i of the thread's chunk k (the row's elements head + (tid +
+// k * size) * kV + i); slot (kChunks, 0) is head element tid, slot (kChunks, 1) tail element tid.
+template <typename T, int kChunks>
+struct RowRegs {
+  static constexpr int kV = kVecOf<T>;
+  // 32-bit offsets within the row (a row that fits registers has at most 8192 + 7 elements;
+  // longer rows never index through these).
+  int n, head, body_end, tid, size;
+  bool fits_;
+  __device__ __forceinline__ RowRegs(const T* row, int64_t n64, int tid_, int size_) : tid(tid_), size(size_) {
+    const int64_t h = (int64_t)(((16 - (uintptr_t)row % 16) % 16) / sizeof(T));
+    const int64_t hd = h < n64 ? h : n64;
+    const int64_t chunks = (n64 - hd) / kV;
+    fits_ = chunks <= (int64_t)size * kChunks;
+    n = fits_ ? (int)n64 : 0;
+    head = fits_ ? (int)hd : 0;
+    body_end = fits_ ? (int)(hd + chunks * kV) : 0;
   }
-}
+  // True if the row's chunks fit the thread's kChunks (row_fits_regs holds it for any phase).
+  __device__ __forceinline__ bool fits() const { return fits_; }
+  // True if p (another tensor's row: same element offsets, element type S) is in the same 16-byte
+  // phase, so its chunks are 16-byte aligned too (null: no such tensor).
+  template <typename S>
+  __device__ __forceinline__ bool same_phase(const S* p) const {
+    return p == nullptr || ((uintptr_t)p % sizeof(S) == 0 && ((uintptr_t)p + head * sizeof(S)) % 16 == 0);
+  }
+  // First element of chunk k of this thread; -1 past the row's chunks.
+  __device__ __forceinline__ int chunk(int k) const {
+    const int j0 = head + (tid + k * size) * kV;
+    return j0 < body_end ? j0 : -1;
+  }
+  // The row element of slot (k, i); -1 if the slot holds none.
+  __device__ __forceinline__ int index(int k, int i) const {
+    if (k < kChunks) {
+      const int j0 = chunk(k);
+      return j0 < 0 ? -1 : j0 + i;
+    }
+    if (i == 0) return tid < head ? tid : -1;
+    if (i == 1) return body_end + tid < n ? body_end + tid : -1;
+    return -1;
+  }
+  // f(k, i, j) for every slot of the thread that holds row element j.
+  template <typename F>
+  __device__ __forceinline__ void each(const F& f) const {
+#pragma unroll
+    for (int k = 0; k <= kChunks; ++k)
+#pragma unroll
+      for (int i = 0; i < kV; ++i) {
+        if (k == kChunks && i >= 2) continue;
+        const int j = index(k, i);
+        if (j >= 0) f(k, i, j);
+      }
+  }
+  // Loads this thread's elements of row (an S row in the same phase) into c; empty slots get 0.
+  template <typename S>
+  __device__ __forceinline__ void load(float (&c)[kChunks + 1][kV], const S* row) const {
+    static_assert((kV * sizeof(S)) % 16 == 0, "whole 16-byte loads");
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int j0 = chunk(k);
+      if (j0 >= 0) {
+        load_vals<S, kV>(row + j0, c[k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kV; ++i) c[k][i] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      const int j = i < 2 ? index(kChunks, i) : -1;
+      c[kChunks][i] = j >= 0 ? load_float(row[j]) : 0.f;
+    }
+  }
+  // Writes value(k, i, j) to element j of row (a TO row in the same phase) for every held element.
+  template <typename TO, typename F>
+  __device__ __forceinline__ void store(TO* row, const F& value) const {
+    static_assert((kV * sizeof(TO)) % 16 == 0, "whole 16-byte stores");
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int j0 = chunk(k);
+      if (j0 < 0) continue;
+      float o[kV];
+#pragma unroll
+      for (int i = 0; i < kV; ++i) o[i] = value(k, i, j0 + i);
+      store_chunk<TO, kV>(row + j0, o);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int j = index(kChunks, i);
+      if (j >= 0) row[j] = store_float<TO>(value(kChunks, i, j));
+    }
+  }
+};
 
 }  // namespace pyllm

@@ -1,9 +1,10 @@
 // CUDA kernels: LayerNorm, add+LayerNorm, RMSNorm, add+RMSNorm, forward and backward.
 // One warp per row up to 1024 elements, one block per row beyond; fp32 two-pass
 // mean/variance with warp-shuffle (and shared-memory) reductions. Forward: rows of up to 1024
-// (warp) or 8192 (block) elements whose width is a multiple of 16 bytes are read once with
-// 16-byte loads into registers and written once with 16-byte stores; the dx backwards hold dy and
-// x the same way; other rows (longer, misaligned) re-read the row element by element (L1/L2).
+// (warp) or 8192 (block) elements, any width and offset, are read once into registers (16-byte
+// loads, a scalar head and tail: RowRegs in common.cuh) and written once with 16-byte stores; the
+// dx backwards hold dy and x the same way; longer rows, or tensors in different 16-byte phases,
+// re-read the row element by element (L1/L2).
 #include "common.cuh"
 #include "../include/pyllm/ops/norm.h"
 
@@ -26,16 +27,16 @@ inline int round_mode(std::optional<at::ScalarType> t) {
   return kRoundNone;
 }
 
-// Loads this thread's chunks of x (+ res: the sum, rounded to T, is written to `summed` and kept
-// as stored) into c; chunks past the row's end are zeros.
+// Loads this thread's elements of row x (+ res: the sum, rounded to T, is written to `summed` and
+// kept as stored) into c, chunk by chunk; empty slots are zeros.
 template <typename T, int kChunks>
-__device__ __forceinline__ void load_row_regs(float (&c)[kChunks][kVecOf<T>], const T* x, const T* res, T* summed,
-                                              int64_t n, int tid, int size) {
+__device__ __forceinline__ void load_row_regs(const RowRegs<T, kChunks>& rr, float (&c)[kChunks + 1][kVecOf<T>],
+                                              const T* x, const T* res, T* summed) {
   constexpr int kV = kVecOf<T>;
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
-    const int64_t j0 = chunk_start(tid, size, k, kV);
-    if (j0 < n) {
+    const int j0 = rr.chunk(k);
+    if (j0 >= 0) {
       load_chunk(x + j0, c[k]);
       if (res) {
         float r[kV];
@@ -48,6 +49,20 @@ __device__ __forceinline__ void load_row_regs(float (&c)[kChunks][kVecOf<T>], co
 #pragma unroll
       for (int i = 0; i < kV; ++i) c[k][i] = 0.f;
     }
+  }
+#pragma unroll
+  for (int i = 0; i < kV; ++i) {  // the head and tail elements, one at most of each
+    const int j = i < 2 ? rr.index(kChunks, i) : -1;
+    float v = 0.f;
+    if (j >= 0) {
+      v = load_float(x[j]);
+      if (res) {
+        const T sv = store_float<T>(v + load_float(res[j]));
+        summed[j] = sv;
+        v = load_float(sv);
+      }
+    }
+    c[kChunks][i] = v;
   }
 }
 
@@ -62,10 +77,12 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
   const bool active = team.row < rows;  // no early return: block mode has barriers
   const int64_t base = active ? team.row * n : 0;
   constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
-  // Uniform across the launch: the row in registers, or the element loops re-reading it.
-  const bool regs = row_fits_regs<T, kWarp>(n, team.size) && aligned16(x) && aligned16(y) &&
-                    (!kResidual || (aligned16(res) && aligned16(summed)));
-  float c[kChunks][kV];
+  // Uniform across the team (it depends on the row's address): the row in registers, or the
+  // element loops re-reading it.
+  const RowRegs<T, kChunks> rr(x + base, n, team.tid, team.size);
+  const bool regs = row_fits_regs<T, kWarp>(n, team.size) && rr.same_phase(y + base) &&
+                    (!kResidual || (rr.same_phase(res + base) && rr.same_phase(summed + base)));
+  float c[kChunks + 1][kV];
   // Shifted sum: accumulate v - pivot (pivot = the row's first value, as normalized) so
   // the mean stays accurate when |mean| >> std (plain fp32 sums lose the low bits that
   // x - mean keeps, and LayerNorm divides that error by std).
@@ -77,27 +94,19 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
   float acc = 0.f;
   if (regs) {
     if (active) {
-      load_row_regs<T, kChunks>(c, x + base, kResidual ? res + base : nullptr, kResidual ? summed + base : nullptr,
-                                n, team.tid, team.size);
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k)
-        if (chunk_start(team.tid, team.size, k, kV) < n)
-#pragma unroll
-          for (int i = 0; i < kV; ++i) acc += c[k][i] - pivot;
+      load_row_regs<T, kChunks>(rr, c, x + base, kResidual ? res + base : nullptr, kResidual ? summed + base : nullptr);
+      rr.each([&](int k, int i, int64_t) { acc += c[k][i] - pivot; });
     }
     const float mean = pivot + team.sum(acc) / (float)n;
     acc = 0.f;
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k)
-      if (active && chunk_start(team.tid, team.size, k, kV) < n)
-#pragma unroll
-        for (int i = 0; i < kV; ++i) {
-          const float d = c[k][i] - mean;
-          acc += d * d;
-        }
+    if (active)
+      rr.each([&](int k, int i, int64_t) {
+        const float d = c[k][i] - mean;
+        acc += d * d;
+      });
     const float rstd = rsqrtf(team.sum(acc) / (float)n + eps);
     if (active) {
-      store_row_regs<T, kV, kChunks>(y + base, n, team.tid, team.size, [&](int k, int i, int64_t j) {
+      rr.store(y + base, [&](int k, int i, int64_t j) {
         float v = (c[k][i] - mean) * rstd;
         if (w) v *= w[j];
         if (b) v += b[j];
@@ -158,28 +167,24 @@ __global__ void layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __re
   const float mu = active ? mean[team.row] : 0.f, rs = active ? rstd[team.row] : 0.f;
   float sg = 0.f, sgx = 0.f;
   constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
-  // Uniform across the launch: dy and x held in registers (each read once), as in the forward.
-  if (row_fits_regs<T, kWarp>(n, team.size) && aligned16(dy) && aligned16(x) && aligned16(dx)) {
-    float g[kChunks][kV], d[kChunks][kV];  // g = dy * w, d = x - mean
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
-      if (active && j0 < n) {
-        load_vals<T, kV>(dy + base + j0, g[k]);
-        load_vals<T, kV>(x + base + j0, d[k]);
-#pragma unroll
-        for (int i = 0; i < kV; ++i) {
-          g[k][i] = __fmul_rn(g[k][i], w ? w[j0 + i] : 1.f);
-          d[k][i] -= mu;
-          sg += g[k][i];
-          sgx += g[k][i] * d[k][i] * rs;
-        }
-      }
+  // Uniform across the team: dy and x held in registers (each read once), as in the forward.
+  const RowRegs<T, kChunks> rr(x + base, n, team.tid, team.size);
+  if (row_fits_regs<T, kWarp>(n, team.size) && rr.same_phase(dy + base) && rr.same_phase(dx + base)) {
+    float g[kChunks + 1][kV], d[kChunks + 1][kV];  // g = dy * w, d = x - mean
+    if (active) {
+      rr.load(g, dy + base);
+      rr.load(d, x + base);
+      rr.each([&](int k, int i, int64_t j) {
+        g[k][i] = __fmul_rn(g[k][i], w ? w[j] : 1.f);
+        d[k][i] -= mu;
+        sg += g[k][i];
+        sgx += g[k][i] * d[k][i] * rs;
+      });
     }
     const float mg = team.sum(sg) / (float)n;
     const float mgx = team.sum(sgx) / (float)n;
     if (active)
-      store_row_regs<T, kV, kChunks>(dx + base, n, team.tid, team.size, [&](int k, int i, int64_t j) {
+      rr.store(dx + base, [&](int k, int i, int64_t j) {
         float v = rs * ((g[k][i] - mg) - d[k][i] * rs * mgx);
         if (extra) v += load_float(extra[base + j]);
         return v;
@@ -246,23 +251,20 @@ __global__ void rms_norm_fwd_kernel(const TI* __restrict__ x, const TI* __restri
   const bool active = team.row < rows;
   const int64_t base = active ? team.row * n : 0;
   constexpr int kV = kVecOf<TI>, kChunks = kRegElems<kWarp> / kV;
-  // Uniform across the launch: the row in registers, or the element loops re-reading it.
-  const bool regs = row_fits_regs<TI, kWarp>(n, team.size) && aligned16(x) && aligned16(y) &&
-                    (!res || (aligned16(res) && aligned16(summed)));
+  // Uniform across the team: the row in registers, or the element loops re-reading it.
+  const RowRegs<TI, kChunks> rr(x + base, n, team.tid, team.size);
+  const bool regs = row_fits_regs<TI, kWarp>(n, team.size) && rr.same_phase(y + base) &&
+                    (!res || (rr.same_phase(res + base) && rr.same_phase(summed + base)));
   if (regs) {
-    float c[kChunks][kV];
+    float c[kChunks + 1][kV];
     float acc = 0.f;
     if (active) {
-      load_row_regs<TI, kChunks>(c, x + base, res ? res + base : nullptr, res ? summed + base : nullptr, n,
-                                 team.tid, team.size);
-#pragma unroll
-      for (int k = 0; k < kChunks; ++k)
-#pragma unroll
-        for (int i = 0; i < kV; ++i) acc += c[k][i] * c[k][i];  // zeros past the end
+      load_row_regs<TI, kChunks>(rr, c, x + base, res ? res + base : nullptr, res ? summed + base : nullptr);
+      rr.each([&](int k, int i, int64_t) { acc += c[k][i] * c[k][i]; });
     }
     const float rstd = rsqrtf(team.sum(acc) / (float)n + eps);
     if (active) {
-      store_row_regs<TO, kV, kChunks>(y + base, n, team.tid, team.size, [&](int k, int i, int64_t j) {
+      rr.store(y + base, [&](int k, int i, int64_t j) {
         const float v = round_as(c[k][i] * rstd, rmode);
         return w ? v * (w[j] + offset) : v;
       });
@@ -305,26 +307,20 @@ __global__ void rms_norm_bwd_dx_kernel(const float* __restrict__ dy, const T* __
   const float rs = active ? rstd[team.row] : 0.f;
   float acc = 0.f;
   constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
-  // Uniform across the launch: dy (fp32, kV values per chunk of x) and x held in registers.
-  if (row_fits_regs<T, kWarp>(n, team.size) && aligned16(dy) && aligned16(x) && aligned16(dx)) {
-    float g[kChunks][kV], xv[kChunks][kV];
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
-      if (active && j0 < n) {
-        load_vals<float, kV>(dy + base + j0, g[k]);
-        load_vals<T, kV>(x + base + j0, xv[k]);
-#pragma unroll
-        for (int i = 0; i < kV; ++i) {
-          g[k][i] *= w ? (w[j0 + i] + offset) : 1.f;
-          acc += g[k][i] * xv[k][i] * rs;
-        }
-      }
+  // Uniform across the team: dy (fp32, kV values per chunk of x) and x held in registers.
+  const RowRegs<T, kChunks> rr(x + base, n, team.tid, team.size);
+  if (row_fits_regs<T, kWarp>(n, team.size) && rr.same_phase(dy + base) && rr.same_phase(dx + base)) {
+    float g[kChunks + 1][kV], xv[kChunks + 1][kV];
+    if (active) {
+      rr.load(g, dy + base);
+      rr.load(xv, x + base);
+      rr.each([&](int k, int i, int64_t j) {
+        g[k][i] *= w ? (w[j] + offset) : 1.f;
+        acc += g[k][i] * xv[k][i] * rs;
+      });
     }
     const float m = team.sum(acc) / (float)n;
-    if (active)
-      store_row_regs<T, kV, kChunks>(dx + base, n, team.tid, team.size,
-                                     [&](int k, int i, int64_t) { return rs * (g[k][i] - xv[k][i] * rs * m); });
+    if (active) rr.store(dx + base, [&](int k, int i, int64_t) { return rs * (g[k][i] - xv[k][i] * rs * m); });
     return;  // uniform
   }
   if (active) {

@@ -2,8 +2,9 @@
 // masks of any broadcast shape and strides, top-left causal masking, and zeros for
 // fully-masked rows; backward dx = scale * y * (dy - sum(dy * y)), zero-probability terms skipped.
 // One warp per row up to 1024 columns, one block per row beyond: no length limit. Rows of up to
-// 1024 (warp) / 8192 (block) whose width is a multiple of 16 bytes are held in registers (one
-// 16-byte read of each input, one write of the output: common.cuh); others re-read the row.
+// 1024 (warp) / 8192 (block), any width and offset, are held in registers (one read of each input,
+// 16-byte loads with a scalar head and tail, one write of the output: RowRegs in common.cuh);
+// longer rows, or tensors in different 16-byte phases, re-read the row.
 #include "common.cuh"
 #include "../include/pyllm/broadcast.h"
 #include "../include/pyllm/ops/softmax.h"
@@ -36,39 +37,39 @@ __global__ void masked_softmax_fwd_kernel(const T* __restrict__ x, const M* __re
   const int64_t mbase = active ? mi.offset(team.row) : 0;
   const int64_t valid = !active ? 0 : (causal ? (team.row % lq + 1 < n ? team.row % lq + 1 : n) : n);
   constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
-  if (row_fits_regs<T, kWarp>(n, team.size) && aligned16(x) && aligned16(y)) {  // uniform per launch
-    // The row in registers: x read once (16-byte loads), the mask once, y written once; c holds
-    // the masked scores, -inf where hidden (causal, mask) and past the row's end.
-    float c[kChunks][kV];
+  const RowRegs<T, kChunks> rr(x + base, n, team.tid, team.size);
+  if (row_fits_regs<T, kWarp>(n, team.size) && rr.same_phase(y + base)) {  // uniform per team
+    // The row in registers: x read once, the mask once, y written once; c holds the masked
+    // scores, -inf where hidden (causal, mask) and in the slots holding no element.
+    float c[kChunks + 1][kV];
     float mx = -INFINITY, nans = 0.f;
+    if (active) rr.load(c, x + base);
 #pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
-      if (active && j0 < n) load_chunk(x + base + j0, c[k]);
+    for (int k = 0; k <= kChunks; ++k)
 #pragma unroll
       for (int i = 0; i < kV; ++i) {
+        const int j = active && (k < kChunks || i < 2) ? rr.index(k, i) : -1;
         float s = -INFINITY;
-        if (active && j0 + i < valid) {
-          s = apply_mask(c[k][i] * scale, mask, mbase + (j0 + i) * mi.col_stride);
+        if (j >= 0 && j < valid) {
+          s = apply_mask(c[k][i] * scale, mask, mbase + j * mi.col_stride);
           if (s != s) nans += 1.f;  // fmaxf drops NaN: count them apart
           else mx = fmaxf(mx, s);
         }
         c[k][i] = s;
       }
-    }
     mx = team.max(mx);
     if (team.sum(nans) > 0.f) mx = NAN;  // as below: the row is NaN at its visible positions
     float acc = 0.f;
     if (mx != -INFINITY) {
 #pragma unroll
-      for (int k = 0; k < kChunks; ++k)
+      for (int k = 0; k <= kChunks; ++k)
 #pragma unroll
         for (int i = 0; i < kV; ++i) acc += c[k][i] == -INFINITY ? 0.f : expf(c[k][i] - mx);
     }
     const float total = team.sum(acc);
     const float inv = (total > 0.f || total != total) ? 1.f / total : 0.f;
     if (active)
-      store_row_regs<T, kV, kChunks>(y + base, n, team.tid, team.size, [&](int k, int i, int64_t) {
+      rr.store(y + base, [&](int k, int i, int64_t) {
         return (c[k][i] == -INFINITY || mx == -INFINITY) ? 0.f : (mx != mx ? NAN : expf(c[k][i] - mx) * inv);
       });
     return;  // uniform: the whole team took this path, past its last barrier
@@ -113,24 +114,21 @@ __global__ void masked_softmax_bwd_kernel(const T* __restrict__ dy, const T* __r
   const bool active = team.row < rows;
   const int64_t base = active ? team.row * n : 0;
   constexpr int kV = kVecOf<T>, kChunks = kRegElems<kWarp> / kV;
-  if (row_fits_regs<T, kWarp>(n, team.size) && aligned16(dy) && aligned16(y) && aligned16(dx)) {
-    // y and dy read once into registers (16-byte loads), dx written once; same rules as below.
-    float yc[kChunks][kV], gc[kChunks][kV];
+  const RowRegs<T, kChunks> rr(y + base, n, team.tid, team.size);
+  if (row_fits_regs<T, kWarp>(n, team.size) && rr.same_phase(dy + base) && rr.same_phase(dx + base)) {
+    // y and dy read once into registers, dx written once; same rules as below.
+    float yc[kChunks + 1][kV], gc[kChunks + 1][kV];
     float acc = 0.f;
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t j0 = chunk_start(team.tid, team.size, k, kV);
-      if (active && j0 < n) {
-        load_chunk(y + base + j0, yc[k]);
-        load_chunk(dy + base + j0, gc[k]);
-#pragma unroll
-        for (int i = 0; i < kV; ++i)
-          if (yc[k][i] != 0.f) acc += gc[k][i] * yc[k][i];
-      }
+    if (active) {
+      rr.load(yc, y + base);
+      rr.load(gc, dy + base);
+      rr.each([&](int k, int i, int64_t) {
+        if (yc[k][i] != 0.f) acc += gc[k][i] * yc[k][i];
+      });
     }
     const float dot = team.sum(acc);
     if (active)
-      store_row_regs<T, kV, kChunks>(dx + base, n, team.tid, team.size, [&](int k, int i, int64_t) {
+      rr.store(dx + base, [&](int k, int i, int64_t) {
         return yc[k][i] != 0.f ? scale * yc[k][i] * (gc[k][i] - dot) : 0.f;
       });
     return;  // uniform: the whole team took this path, past its last barrier
