@@ -198,15 +198,22 @@ def select(op: str, tensors: tuple, limits=None, limit_args: tuple = (), typed: 
     return decision
 
 
+def dtensor_type():
+    """``torch.distributed.tensor.DTensor`` when that module is loaded, else None (never imports it:
+    without it no argument can be a DTensor)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return None if mod is None else mod.DTensor
+
+
 def _guard_dtensors(op: str, tensors: tuple, decision: Decision) -> None:
     """DTensor inputs: the first one registers pyllm's sharding rules (``import pyllm.distributed``),
     so the native op runs shard-locally; the reference path raises (it is not shard-aware, and
     DTensor would all-gather a tensor sharded on the normalized dim). Free unless
     torch.distributed.tensor is imported; skipped while dynamo traces (it sees local tensors)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    if mod is None or torch.compiler.is_dynamo_compiling():
+    dt = dtensor_type()
+    if dt is None or torch.compiler.is_dynamo_compiling():
         return
-    if not any(isinstance(t, mod.DTensor) for t in tensors):
+    if not any(isinstance(t, dt) for t in tensors):
         return
     from . import distributed  # noqa: F401 - registers the rules on first import
 

@@ -122,6 +122,49 @@ def grads_of(loss: torch.Tensor, inputs):
 
 
 
+def check_op_samples(spec, device, dtype: torch.dtype, check_path=None) -> int:
+    """Runs every sample of a registered op (``pyllm.ops.specs()``) on ``device`` in ``dtype``:
+    outputs against the op's torch composition on fp64 copies (the oracle), judged by the rule
+    above against the same composition in ``dtype`` (the baseline); gradients of the first output
+    likewise (3x) where the sample asks for them. ``check_path(spec)`` runs after each call (e.g.
+    to assert which kernel ran). Returns the number of samples. Used by the device suite
+    (tests/test_device.py) and ``python -m pyllm selftest``."""
+    def cast(t, to64):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        c = t.detach().cpu().double() if to64 else t.detach().clone()
+        return c.requires_grad_(t.requires_grad)
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def as_tuple(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    samples = spec.samples(device, dtype, requires_grad=True)
+    for sample in samples:
+        args, kwargs = sample.args, sample.kwargs
+        out = spec.functional(*args, **kwargs)
+        if check_path is not None:
+            check_path(spec)
+        args64 = [cast(a, True) for a in args]
+        argsb = [cast(a, False) for a in args]
+        ref, base = spec.torch_baseline(*args64, **kwargs), spec.torch_baseline(*argsb, **kwargs)
+        for i, (o, r, b) in enumerate(zip(as_tuple(out), as_tuple(ref), as_tuple(base))):
+            assert_close_to_ref(o.detach().cpu(), r.detach(), b.detach().cpu(), name=f"{sample.desc} out[{i}]")
+        leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        if not leaves:
+            continue
+        y = first(out)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
+        grads = torch.autograd.grad(y, [args[i] for i in leaves], dy)
+        ref_grads = torch.autograd.grad(first(ref), [args64[i] for i in leaves], dy.cpu().double())
+        base_grads = torch.autograd.grad(first(base), [argsb[i] for i in leaves], dy)
+        assert_grads_close([g.cpu() for g in grads], ref_grads, [g.cpu() for g in base_grads],
+                           names=[f"{sample.desc} grad[{i}]" for i in leaves])
+    return len(samples)
+
+
 # ----------------------------------------------------------------------------- torch oracles
 # Each composition below runs in its inputs' dtype: on fp64 copies it is the oracle, in the test
 # dtype the baseline. They use torch (and Hugging Face's formulas) only, never pyllm's code.

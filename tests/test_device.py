@@ -15,7 +15,7 @@ import torch
 import pyllm
 from pyllm import _ext
 
-from helpers import assert_close_to_ref, assert_grads_close
+from pyllm.testing import check_op_samples
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -61,24 +61,6 @@ def _backends(device) -> list:
     return ["auto", "native"] if device.type == "cuda" and cur == "auto" and _ext.HAS_C else [cur]
 
 
-def _to64(t):
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        return t
-    c = t.detach().cpu().double()
-    return c.requires_grad_() if t.requires_grad else c
-
-
-def _detached(t):
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        return t
-    c = t.detach().clone()
-    return c.requires_grad_() if t.requires_grad else c
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 SPECS = pyllm.ops.specs()
 
 
@@ -93,29 +75,7 @@ def test_op_on_device(device, spec, dtype):
 
 
 def _check_samples(spec, device, dtype):
-    for sample in spec.samples(device, dtype, requires_grad=True):
-        args, kwargs = sample.args, sample.kwargs
-        out = spec.functional(*args, **kwargs)
-        _check_native_path(spec.name, device)
-        args64 = [_to64(a) for a in args]
-        ref = spec.torch_baseline(*args64, **kwargs)
-        argsb = [_detached(a) for a in args]
-        base = spec.torch_baseline(*argsb, **kwargs)
-        outs = out if isinstance(out, tuple) else (out,)
-        refs = ref if isinstance(ref, tuple) else (ref,)
-        bases = base if isinstance(base, tuple) else (base,)
-        for i, (o, r, b) in enumerate(zip(outs, refs, bases)):
-            assert_close_to_ref(o.detach().cpu(), r.detach(), b.detach().cpu(), name=f"{sample.desc} out[{i}]")
-        leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        if not leaves:
-            continue
-        g = torch.Generator().manual_seed(7)
-        dy = torch.randn(_first(out).shape, generator=g).to(device, _first(out).dtype)
-        grads = torch.autograd.grad(_first(out), [args[i] for i in leaves], dy)
-        ref_grads = torch.autograd.grad(_first(ref), [args64[i] for i in leaves], dy.cpu().double())
-        base_grads = torch.autograd.grad(_first(base), [argsb[i] for i in leaves], dy)
-        assert_grads_close([t.cpu() for t in grads], ref_grads, [t.cpu() for t in base_grads],
-                           names=[f"{sample.desc} grad[{i}]" for i in leaves])
+    check_op_samples(spec, device, dtype, lambda spec: _check_native_path(spec.name, device))
 
 
 def test_every_op_has_device_samples():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import sys
 
 import torch
 
+from .. import backends
 from . import KERNEL_DTYPES
 
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -110,10 +110,8 @@ def check_eps(eps, allow_none: bool = False) -> None:
 def local(t):
     """The rank-local tensor of a DTensor, ``t`` otherwise: for argument checks that read memory
     (data pointers) or values (``tolist``), which DTensors do not allow (docs/DISTRIBUTED.md)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    if mod is not None and isinstance(t, mod.DTensor):
-        return t.to_local()
-    return t
+    dt = backends.dtensor_type()
+    return t.to_local() if dt is not None and isinstance(t, dt) else t
 
 
 def _byte_span(t) -> tuple:

@@ -14,45 +14,18 @@ import time
 import torch
 
 
-def _to(t, dtype=None):
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        return t
-    c = t.detach().cpu().to(dtype) if dtype is not None else t.detach().clone()
-    return c.requires_grad_(t.requires_grad)
-
-
-def _tuple(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
 def check_op(spec, device: str) -> int:
-    """Checks every float32 sample of ``spec`` on ``device``; returns the number of samples."""
+    """Checks every float32 sample of ``spec`` on ``device`` (a pyllm kernel must run); returns the
+    number of samples."""
     import pyllm
-    from pyllm.testing import assert_close_to_ref, assert_grads_close
+    from pyllm.testing import check_op_samples
 
-    samples = spec.samples(device, torch.float32, requires_grad=True)
-    for sample in samples:
-        args, kwargs = sample.args, sample.kwargs
-        out = spec.functional(*args, **kwargs)
+    def kernel_ran(spec):
         decision = pyllm.backends.last_decision(spec.name)
         if decision is None or not decision.uses_kernel:
-            raise AssertionError(f"{sample.desc}: no kernel ran ({decision})")
-        args64 = [_to(a, torch.float64) for a in args]
-        args32 = [_to(a) for a in args]
-        ref, base = spec.torch_baseline(*args64, **kwargs), spec.torch_baseline(*args32, **kwargs)
-        for i, (o, r, b) in enumerate(zip(_tuple(out), _tuple(ref), _tuple(base))):
-            assert_close_to_ref(o.detach().cpu(), r.detach(), b.detach().cpu(), name=f"{sample.desc} out[{i}]")
-        leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        if not leaves:
-            continue
-        y = _tuple(out)[0]
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
-        grads = torch.autograd.grad(y, [args[i] for i in leaves], dy)
-        ref_grads = torch.autograd.grad(_tuple(ref)[0], [args64[i] for i in leaves], dy.cpu().double())
-        base_grads = torch.autograd.grad(_tuple(base)[0], [args32[i] for i in leaves], dy)
-        assert_grads_close([g.cpu() for g in grads], ref_grads, [g.cpu() for g in base_grads],
-                           names=[f"{sample.desc} grad[{i}]" for i in leaves])
-    return len(samples)
+            raise AssertionError(f"{spec.name}: no kernel ran ({decision})")
+
+    return check_op_samples(spec, device, torch.float32, kernel_ran)
 
 
 def main(args=None) -> int:
