@@ -46,9 +46,12 @@ constexpr int64_t kBlockQ = 128, kBlockQCausal = 64, kBlockK = 512;
 constexpr int64_t kDecodeMaxLq = 16;
 constexpr int64_t kDecodeTasks = 32;  // decode: key splits x head groups to aim for
 
-// Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+// Row-major C[m,n] = op(A)[m,k] * op(B)[k,n] + beta * C. No alpha: MKL's sgemm (2024.2, measured on
+// an AMD EPYC) rounds alpha * AB differently with its thread count (torch.set_num_threads), which made
+// dQ differ in the last bit between thread counts; callers scale afterwards (zgemm).
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const float alpha = 1.f;
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     for (int64_t i = 0; i < m; ++i)
@@ -85,7 +88,7 @@ void zgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const
   thread_local std::vector<float> tmp;
   if ((int64_t)tmp.size() < m * n) tmp.resize(m * n);
   float* t = tmp.data();
-  gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, 0.f, t, n);
+  gemm(ta, tb, m, n, k, A, lda, B, ldb, 0.f, t, n);
   for (int64_t i = 0; i < m; ++i) {
     float* tr = t + i * n;
     float z = 0.f;
@@ -98,14 +101,14 @@ void zgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const
         const float av = ta ? A[kk * lda + i] : A[i * lda + kk];
         if (av != 0.f) acc += (double)av * (tb ? B[j * ldb + kk] : B[kk * ldb + j]);
       }
-      tr[j] = alpha * (float)acc;
+      tr[j] = (float)acc;
     }
   }
   for (int64_t i = 0; i < m; ++i) {
     float* cr = C + i * ldc;
     const float* tr = t + i * n;
-    if (beta == 0.f) std::copy(tr, tr + n, cr);
-    else for (int64_t j = 0; j < n; ++j) cr[j] = beta * cr[j] + tr[j];
+    if (beta == 0.f && alpha == 1.f) std::copy(tr, tr + n, cr);
+    else for (int64_t j = 0; j < n; ++j) cr[j] = beta * cr[j] + alpha * tr[j];
   }
 }
 
@@ -292,7 +295,7 @@ void forward_block(const Args& a, const RowBlock& rb, int64_t kbeg, int64_t kend
   for (int64_t k0 = klo; k0 < khi; k0 += chunk) {
     const int64_t n = std::min(chunk, khi - k0);
     const Blk kb = k_block(a, rb.b, rb.kvh, k0, n, w.kb);
-    gemm(false, true, R, n, D, 1.f, w.qs.data(), D, kb.p, kb.ld, 0.f, s, n);
+    gemm(false, true, R, n, D, w.qs.data(), D, kb.p, kb.ld, 0.f, s, n);
     bool any = false;
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * n;
@@ -443,8 +446,8 @@ bool recompute_block(const Args& a, const BwdArgs& g, const RowBlock& rb, int64_
                      float* pdrop) {
   const int64_t R = rb.rows();
   float *s = w.s.data(), *dp = w.s2.data();
-  gemm(false, true, R, n, a.D, 1.f, w.qs.data(), a.D, kb.p, kb.ld, 0.f, s, n);
-  gemm(false, true, R, n, a.Dv, 1.f, dout_rows, a.Dv, vb.p, vb.ld, 0.f, dp, n);
+  gemm(false, true, R, n, a.D, w.qs.data(), a.D, kb.p, kb.ld, 0.f, s, n);
+  gemm(false, true, R, n, a.Dv, dout_rows, a.Dv, vb.p, vb.ld, 0.f, dp, n);
   bool any = false;
   for (int64_t r = 0; r < R; ++r) {
     float *sr = s + r * n, *dpr = dp + r * n;
