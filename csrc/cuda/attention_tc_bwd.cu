@@ -4,7 +4,8 @@
 // CTA = 4 warps = 64 keys of one (batch, kv head); warp w owns keys 16w..16w+15. The CTA loads
 // its K and V rows once and walks every query tile (kM = 32 queries at head dim <= 64, 16 above,
 // for registers) of every query head of its kv group (GQA: dK / dV summed over the group in
-// registers, deterministic). Per query tile, each warp computes, on tensor cores (m16n8k16,
+// registers, deterministic); up to head dim 128 the next tile's Q and dO load (cp.async, double
+// buffered) while the current one computes. Per query tile, each warp computes, on tensor cores (m16n8k16,
 // fp32 accumulators), for its 16 keys x kM queries:
 //   S^T  = K_w Q^T                 (A: K rows from shared memory, B: Q rows)
 //   dP^T = V_w dO^T                (A: V rows, B: dO rows)
@@ -69,20 +70,23 @@ struct BwdTile {
   using Ds = TcLayout<kM / 8>;                    // dS^T: kBwdKeys rows (keys) x kM queries
   static constexpr int kRowBlocks = kM / 16;      // dQ phase: 16-query row blocks ...
   static constexpr int kColSplit = kTcWarps / kRowBlocks;  // ... each shared by this many warps
+  // Buffers of the per-step inputs (Q, dO, lse, delta, mask row offsets): two up to head dim 128,
+  // the next step's loading while this one computes; one with column parts (shared memory).
+  static constexpr int kBuf = kSplit > 1 ? 1 : 2;
   static constexpr int kOffV = 16 * kBwdKeys * Row::kPitch;
-  static constexpr int kOffQ = 2 * kOffV;
-  static constexpr int kOffDO = kOffQ + 16 * kM * Row::kPitch;
+  static constexpr int kTileQ = 16 * kM * Row::kPitch;  // bytes of one Q or dO tile
+  static constexpr int kOffQ = 2 * kOffV;                // buffer b: Q at kOffQ + 2 b kTileQ, then dO
   // With column parts (head dim 256) the dS^T tile reuses the dO tile's space once dV's products
   // have read it (one more barrier per step): 80 KiB instead of 83, two CTAs per A100 SM.
   static constexpr bool kDsOverDO = kSplit > 1;
-  static constexpr int kOffDS = kDsOverDO ? kOffDO : kOffDO + 16 * kM * Row::kPitch;
-  static constexpr int kOffLse = (kDsOverDO ? kOffDO + 16 * kM * Row::kPitch : kOffDS + 16 * kBwdKeys * Ds::kPitch);
-  static constexpr int kOffDelta = kOffLse + 4 * kM;
-  static constexpr int kOffMask = kOffDelta + 4 * kM;             // mask row offsets (int64)
-  static constexpr size_t kSmemBytes = kOffMask + 8 * kM;
+  static constexpr int kOffDS = kDsOverDO ? kOffQ + kTileQ : kOffQ + 2 * kBuf * kTileQ;
+  static constexpr int kOffLse = kDsOverDO ? kOffQ + 2 * kTileQ : kOffDS + 16 * kBwdKeys * Ds::kPitch;
+  static constexpr int kOffDelta = kOffLse + 4 * kM * kBuf;
+  static constexpr int kOffMask = kOffDelta + 4 * kM * kBuf;  // mask row offsets (int64)
+  static constexpr size_t kSmemBytes = kOffMask + 8 * kM * kBuf;
   static_assert((kDH / 8) % (2 * kColSplit) == 0, "dQ column split");
   static_assert((kM * (kD / 8)) % kTcThreads == 0, "loader split");
-  static_assert(!kDsOverDO || kBwdKeys * Ds::kPitch <= kM * Row::kPitch, "dS^T fits in the dO tile");
+  static_assert(!kDsOverDO || (kBwdKeys * Ds::kPitch <= kM * Row::kPitch && kBuf == 1), "dS^T fits in the dO tile");
 };
 
 // Minimum CTAs per SM (ptxas heuristics, measured with -Xptxas -v): at head dim 64 without it ptxas
@@ -113,12 +117,7 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
   unsigned char* smem = pyllm_dynamic_smem<unsigned char>();
   unsigned char* sk = smem;
   unsigned char* sv = smem + Bt::kOffV;
-  unsigned char* sq = smem + Bt::kOffQ;
-  unsigned char* sdo = smem + Bt::kOffDO;
   unsigned char* sds = smem + Bt::kOffDS;
-  float* slse = reinterpret_cast<float*>(smem + Bt::kOffLse);
-  float* sdelta = reinterpret_cast<float*>(smem + Bt::kOffDelta);
-  int64_t* smoff = reinterpret_cast<int64_t*>(smem + Bt::kOffMask);
 
   load_tile<kD, kBwdKeys>(sk, static_cast<const T*>(p.k) + b * p.ks[0] + kvh * p.ks[1], p.ks[2], j0, p.Lk, p.d8);
   load_tile<kD, kBwdKeys>(sv, static_cast<const T*>(p.v) + b * p.vs[0] + kvh * p.vs[1], p.vs[2], j0, p.Lk, p.dv8);
@@ -148,26 +147,62 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
   const TcLaneOf<Ds> dlane(lr, lm % 2);  // A from dS^T, .trans: (keys +0/+8) x (queries +0/+8)
   const int arow = 2 * warp + lm % 2, brow = lm / 2, trow = lm % 2, drow = lm / 2;
 
-  for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
-    const T* qb = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
-    const T* ob = static_cast<const T*>(p.dout) + b * p.os[0] + h * p.os[1];
-    const int64_t rbase = (b * p.Hq + h) * p.Lq;
-    const float slope = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
-    for (int64_t i0 = 0; i0 < p.Lq; i0 += kM) {
-      const int64_t i1 = i0 + kM < p.Lq ? i0 + kM : p.Lq;
-      if (p.g.lo(i0) >= j1 || p.g.hi(i1 - 1) <= j0) continue;  // no query of the tile sees these keys
-      __syncthreads();  // the previous step's reads of sq, sdo, sds, slse, sdelta are done
-      load_tile<kD, kM>(sq, qb, p.qs[2], i0, p.Lq, p.d8);
-      load_tile<kD, kM>(sdo, ob, p.os[2], i0, p.Lq, p.dv8);
+  // The steps: every query tile that sees these keys (the same tiles for every head: the geometry
+  // does not depend on it), of every query head of the kv group; step t is tile t % ntile of head
+  // h0 + t / ntile. With two buffers the next step's Q and dO are in flight (cp.async) while this
+  // step computes; its lse, delta and mask row offsets are stored beside them.
+  const int64_t h0 = kvh * p.group, ntile = (p.Lq + kM - 1) / kM, total = p.group * ntile;
+  auto next_step = [&](int64_t t) {  // the first step >= t whose tile some query of sees the keys
+    for (; t < total; ++t) {
+      const int64_t i0 = (t % ntile) * kM, i1 = i0 + kM < p.Lq ? i0 + kM : p.Lq;
+      if (p.g.lo(i0) < j1 && p.g.hi(i1 - 1) > j0) break;
+    }
+    return t;
+  };
+  auto stage = [&](int64_t t, int buf) {  // issues step t's loads into buffer buf (no commit)
+    const int64_t h = h0 + t / ntile, i0 = (t % ntile) * kM, rbase = (b * p.Hq + h) * p.Lq;
+    load_tile<kD, kM>(smem + Bt::kOffQ + 2 * buf * Bt::kTileQ,
+                      static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1], p.qs[2], i0, p.Lq, p.d8);
+    load_tile<kD, kM>(smem + Bt::kOffQ + (2 * buf + 1) * Bt::kTileQ,
+                      static_cast<const T*>(p.dout) + b * p.os[0] + h * p.os[1], p.os[2], i0, p.Lq, p.dv8);
+    float* lse_b = reinterpret_cast<float*>(smem + Bt::kOffLse) + buf * kM;
+    float* delta_b = reinterpret_cast<float*>(smem + Bt::kOffDelta) + buf * kM;
+    int64_t* moff_b = reinterpret_cast<int64_t*>(smem + Bt::kOffMask) + buf * kM;
+    for (int r = tid; r < kM; r += kTcThreads) {
+      const bool ok = i0 + r < p.Lq;
+      lse_b[r] = ok ? p.lse[rbase + i0 + r] * kLog2e : -INFINITY;
+      delta_b[r] = ok ? p.delta[rbase + i0 + r] : 0.f;
+      if (p.mask_kind != kMaskNone) moff_b[r] = p.mi.offset(rbase + (ok ? i0 + r : 0));  // once per query
+    }
+  };
+  int64_t t = next_step(0), tn = 0;
+  if constexpr (Bt::kBuf == 2) {
+    if (t < total) stage(t, 0);
+    tc::cp_async_commit();
+  }
+  for (int buf = 0; t < total; t = tn, buf = (buf + 1) % Bt::kBuf) {
+    tn = next_step(t + 1);
+    // The previous step's reads of the buffer filled next (and of sds) are done.
+    __syncthreads();
+    if constexpr (Bt::kBuf == 2) {
+      if (tn < total) stage(tn, buf ^ 1);
+      tc::cp_async_commit();  // (empty after the last step: the group count stays uniform)
+      tc::cp_async_wait<1>();  // this step's copies have landed; the next step's may be in flight
+    } else {
+      stage(t, 0);
       tc::cp_async_commit();
-      for (int r = tid; r < kM; r += kTcThreads) {
-        const bool ok = i0 + r < p.Lq;
-        slse[r] = ok ? p.lse[rbase + i0 + r] * kLog2e : -INFINITY;
-        sdelta[r] = ok ? p.delta[rbase + i0 + r] : 0.f;
-        if (p.mask_kind != kMaskNone) smoff[r] = p.mi.offset(rbase + (ok ? i0 + r : 0));  // once per query
-      }
       tc::cp_async_wait<0>();
-      __syncthreads();
+    }
+    __syncthreads();
+    {
+      const int64_t h = h0 + t / ntile, i0 = (t % ntile) * kM, i1 = i0 + kM < p.Lq ? i0 + kM : p.Lq;
+      const int64_t rbase = (b * p.Hq + h) * p.Lq;
+      const float slope = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
+      unsigned char* const sq = smem + Bt::kOffQ + 2 * buf * Bt::kTileQ;
+      unsigned char* const sdo = sq + Bt::kTileQ;
+      const float* const slse = reinterpret_cast<const float*>(smem + Bt::kOffLse) + buf * kM;
+      const float* const sdelta = reinterpret_cast<const float*>(smem + Bt::kOffDelta) + buf * kM;
+      const int64_t* const smoff = reinterpret_cast<const int64_t*>(smem + Bt::kOffMask) + buf * kM;
 
       float s[kNT][4], dp[kNT][4];
 #pragma unroll

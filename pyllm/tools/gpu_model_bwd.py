@@ -147,8 +147,8 @@ def render(rows: list[dict], secs: float) -> str:
             out.append(f"| {g.name} | {d} | {e['ctas']} | {e['limiter']} | {cl['tensor']:.0f} / {cl['smem']:.0f} / "
                        f"{cl['mufu']:.0f} / {cl['fp32']:.0f} / {cl['issue']:.0f} | {e['tflops']:.0f} | {fs} | {ratio} |")
     out += ["", "Left out of the model: spills (listed above; each spilled value costs local-memory traffic), "
-            "the Q / dO loads not overlapping the step's products (single-buffered: the model assumes another "
-            "resident CTA fills the wait), the atomics' L2 throughput, masks and dropout (element-wise work on "
+            "at head dim 256 the Q / dO loads not overlapping the step's products (single-buffered there for "
+            "shared memory; double-buffered up to 128; the model assumes another resident CTA fills the wait), the atomics' L2 throughput, masks and dropout (element-wise work on "
             "partial tiles only), and the separate dQ pass of deterministic mode (SIMT).", "", END]
     return "\n".join(out)
 
