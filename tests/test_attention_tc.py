@@ -8,6 +8,7 @@ The Makefile runs this file twice: emulated blocks in forward order, then in a r
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -524,8 +525,9 @@ def test_bwd_split_columns_masks_gqa_dropout(dtype):
 
 @pytest.mark.parametrize("d", [64, 192])
 def test_bwd_deterministic_mode_bit_identical(d):
-    """torch.use_deterministic_algorithms(True): dQ from the SIMT dq kernel (no atomics): the
-    gradients are bit-identical across runs and across the emulator's block orders, and right."""
+    """torch.use_deterministic_algorithms(True): dQ (and the mask's gradient) from the tensor-core
+    dQ pass (a CTA per query block, no atomics): the gradients are bit-identical across runs and
+    across the emulator's block orders, and right."""
     gen = torch.Generator().manual_seed(8)
     q = rnd((2, 4, 97, d), torch.bfloat16, gen)
     k, v = rnd((2, 2, 150, d), torch.bfloat16, gen), rnd((2, 2, 150, d), torch.bfloat16, gen)
@@ -545,6 +547,39 @@ def test_bwd_deterministic_mode_bit_identical(d):
             assert torch.equal(a, b), "deterministic gradients differ between block orders"
 
 
+@contextlib.contextmanager
+def deterministic():
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.skipif(not _ext.HAS_C, reason=f"takes the dropout keep mask from the native CPU kernel ({_ext.C_ERROR})")
+@pytest.mark.parametrize("d", [32, 128, 200])
+def test_bwd_deterministic_dq_pass_features(d):
+    """The deterministic dQ pass (attn_tc_dq_kernel, one instantiation per 64 / 128 / 256) on every
+    mask feature: GQA with causal bottom-right and a window, a bool mask with dead rows, an additive
+    mask with its gradient (written by this pass), ALiBi, dropout; odd lengths; both dtypes."""
+    gen = torch.Generator().manual_seed(d)
+    b, hq, hkv, lq, lk = 2, 4, 2, 67, 93
+    for dtype in HALF:
+        q = rnd((b, hq, lq, d), dtype, gen)
+        k, v = rnd((b, hkv, lk, d), dtype, gen), rnd((b, hkv, lk, d), dtype, gen)
+        mk = masks(b, hq, lq, lk, dtype, gen)
+        slopes = torch.tensor([2.0 ** -(i + 1) for i in range(hq)])
+        dist = ((torch.arange(lq).view(-1, 1) + lk - lq) - torch.arange(lk).view(1, -1)).abs()
+        with deterministic():
+            check_bwd(q, k, v, causal=True, alignment="bottom_right", window=(30, 0), what=f"det gqa window {dtype}")
+            check_bwd(q, k, v, mask=mk["bool_dead_rows"], what=f"det bool dead rows {dtype}")
+            check_bwd(q, k, v, mask=mk["t5_bias_pad"], causal=True, what=f"det t5 bias {dtype}")
+            check_bwd(q, k, v, causal=True, alignment="bottom_right", alibi=slopes,
+                      alibi_bias=-slopes.view(hq, 1, 1) * dist, what=f"det alibi {dtype}")
+            check_bwd(q, k, v, dropout=(0.25, 3), what=f"det dropout {dtype}")
+
+
 def test_bwd_simt_switch(monkeypatch):
     """PYLLM_ATTENTION_KERNEL=simt sends the backward (and forward) to the SIMT kernels; still right."""
     gen = torch.Generator().manual_seed(13)
@@ -553,18 +588,21 @@ def test_bwd_simt_switch(monkeypatch):
     check_bwd(q, k, v, causal=True, what="SIMT switch", expect_tc=False)
 
 
-def test_bwd_nonfinite_inputs_take_the_exact_simt_kernels():
+@pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
+def test_bwd_nonfinite_inputs_take_the_exact_simt_kernels(det):
     """A NaN / Inf in q, k, v or dO: tensor-core products would give 0 * inf = NaN for pairs whose
     probability is 0, which must contribute nothing; a device flag sends such calls to the SIMT
-    kernels (no ldmatrix), finite calls to the tensor cores. Gradients: tests/test_nonfinite.py."""
+    kernels (no ldmatrix), finite calls to the tensor cores (in deterministic mode too: the dQ pass
+    steps aside the same way). Gradients: tests/test_nonfinite.py."""
     gen = torch.Generator().manual_seed(17)
     q, k, v = (rnd((1, 2, n, 64), torch.float16, gen) for n in (20, 30, 30))
     out, lse = run_tc(q, k, v, causal=True)
     go = torch.randn(out.shape, generator=gen).to(torch.float16)
-    run_tc_bwd(go, q, k, v, out, lse, causal=True)  # finite: tensor cores
     go_nan = go.clone()
     go_nan[0, 1, 3, 5] = math.nan
-    dq, dk, dv, _ = run_tc_bwd(go_nan, q, k, v, out, lse, causal=True, expect_tc=False)
+    with deterministic() if det else contextlib.nullcontext():
+        run_tc_bwd(go, q, k, v, out, lse, causal=True)  # finite: tensor cores
+        dq, dk, dv, _ = run_tc_bwd(go_nan, q, k, v, out, lse, causal=True, expect_tc=False)
     # query 3 sees keys 0..3 (causal): dO's NaN reaches dv of those keys only, dq of row 3 only, head 1 only
     assert torch.isnan(dv[0, 1, :4]).any(dim=-1).all() and torch.isfinite(dv[0, 1, 4:]).all()
     assert torch.isfinite(dv[0, 0]).all() and torch.isfinite(dq[0, 1, :3]).all() and torch.isfinite(dq[0, 1, 4:]).all()

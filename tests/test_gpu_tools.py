@@ -184,6 +184,8 @@ def test_bwd_model_renders_from_the_kernel_configs():
     cfgs = {c["head_dim"]: c for c in m.configs()}
     assert sorted(cfgs) == [64, 128, 256] and all(c["keys"] == 64 and c["threads"] == 128 for c in cfgs.values())
     assert [cfgs[d]["split"] for d in (64, 128, 256)] == [1, 1, 2]
+    assert [cfgs[d]["dq_keys"] for d in (64, 128, 256)] == [64, 32, 16]  # deterministic dQ pass: registers
+    assert all(c["dq_smem"] <= 80 * 1024 for c in cfgs.values())  # two CTAs per A100 SM
     for d, c in cfgs.items():
         assert c["smem"] <= 99 * 1024, f"head dim {d}: two CTAs per A100 SM need <= ~80 KiB each"
     rows = gpu_model.parse_ptxas(BWD_PTXAS)

@@ -438,8 +438,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dmask = want_dmask ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, fopt) : at::empty({0}, fopt);
   if (p.B * p.Hq * p.Lq > 0 && p.Lk > 0) {
     // fp16/bf16 with head dims <= 256: dK, dV (and dQ by atomics) on tensor cores. Deterministic
-    // mode (torch.use_deterministic_algorithms) takes dQ, and the mask's gradient, from the SIMT
-    // dq kernel instead: one warp per query row, a fixed summation order.
+    // mode (torch.use_deterministic_algorithms) takes dQ, and the mask's gradient, from a separate
+    // tensor-core pass instead (attention_tc_dq: a CTA per query block, no atomics).
     const bool tc = attention_tc_bwd_eligible(query, value);
     const bool det = tc && at::globalContext().deterministicAlgorithms();
     // A non-finite value in q, k, v or dO: a tensor-core product would spread it through pairs whose
@@ -455,11 +455,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
       at::Tensor dm_tc = det ? at::Tensor() : dmask;
       attention_tc_backward(q, k, v, go, lse_c, delta, TcAttnArgs{m, p, p.scale}, dq_acc, dk, dv, dm_tc,
                             nonfinite.data_ptr<bool>());
-      if (!det) dq.mul_(p.scale);  // before the SIMT dq kernel, which writes dq scaled when it runs
+      if (det)  // dQ (scaled) and the mask's gradient in their own pass, no atomics
+        attention_tc_dq(q, k, v, go, lse_c, delta, TcAttnArgs{m, p, p.scale}, dq, dmask, nonfinite.data_ptr<bool>());
+      else
+        dq.mul_(p.scale);  // before the SIMT dq kernel, which writes dq scaled when it runs
     }
     AttnParams pq = p, pkv = p;  // the SIMT kernels: always without tensor cores, else when the flag is set
     if (tc) {
-      pq.only_if = det ? nullptr : nonfinite.data_ptr<bool>();
+      pq.only_if = nonfinite.data_ptr<bool>();
       pkv.only_if = nonfinite.data_ptr<bool>();
     }
     const int64_t qblocks = p.B * p.Hq * ((p.Lq + kWarps - 1) / kWarps);

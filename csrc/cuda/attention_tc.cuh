@@ -57,7 +57,8 @@ bool attention_tc_bwd_eligible(const at::Tensor& q, const at::Tensor& v);
 int attention_tc_bwd_head_dim(int64_t d, int64_t dv);
 
 // One row per backward instantiation: {head dim, keys per CTA, queries per step, threads per CTA,
-// dynamic shared memory bytes, CTAs per key block (column parts of dK / dV / dQ)}.
+// dynamic shared memory bytes, CTAs per key block (column parts of dK / dV / dQ), keys per step and
+// shared memory bytes of the deterministic dQ pass}.
 std::vector<std::vector<int64_t>> attention_tc_bwd_configs();
 
 // Adds dQ (unscaled: the caller multiplies by the softmax scale) into dq (fp32 [B, Hq, Lq, D],
@@ -69,6 +70,13 @@ std::vector<std::vector<int64_t>> attention_tc_bwd_configs();
 void attention_tc_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
                            const at::Tensor& lse, const at::Tensor& delta, const TcAttnArgs& a, at::Tensor& dq,
                            at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask, const bool* skip_if = nullptr);
+
+// Deterministic mode's dQ pass (attention_tc_bwd.cu): writes dq (fp32 [B, Hq, Lq, D], scaled; no
+// atomics, each element once) and, when dmask is defined and non-empty, dS into it; same inputs and
+// skip_if as attention_tc_backward.
+void attention_tc_dq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
+                     const at::Tensor& lse, const at::Tensor& delta, const TcAttnArgs& a, at::Tensor& dq,
+                     at::Tensor& dmask, const bool* skip_if = nullptr);
 
 }  // namespace PYLLM_CUDA_NS
 }  // namespace pyllm

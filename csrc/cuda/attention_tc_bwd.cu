@@ -407,10 +407,213 @@ void launch_bwd(const TcBwdParams& p, int64_t B) {
   PYLLM_LAUNCH(kern, (unsigned)blocks, kTcThreads, Bt::kSmemBytes, PYLLM_STREAM(), p);
 }
 
+
+// ---- deterministic mode: dQ in its own pass (no atomics) ----
+// CTA = 4 warps = 64 query rows of one (batch, query head), warp w rows 16w..16w+15 (the
+// forward's layout); it walks the key tiles its rows see, kN keys at a time, and for each:
+//   S = Q K^T, dP = dO V^T      (A: Q / dO rows by ldmatrix, B: K / V rows)
+//   P = exp(S * scale + masks - lse), dS = P (dP z - delta)   (z: the forward's dropout, replayed)
+//   dQ += dS K                  (A: dS repacked from the C fragments, B: K by ldmatrix.trans)
+// then writes its rows of dQ (scaled) once. Every (query, key) pair's dS is formed by one thread
+// in one fixed order: bit-identical across runs and block orders. It also writes the additive
+// mask's gradient (dS, once per pair). K and V are single-buffered: this pass is the
+// deterministic alternative to the atomics, not the default.
+template <int kD>
+struct DqTile {
+  using Row = TcTile<kD>;
+  static constexpr int kN = kD <= 64 ? 64 : (kD <= 128 ? 32 : 16);  // keys per step (registers)
+  static constexpr int kOffDO = 16 * kBlockM * Row::kPitch;
+  static constexpr int kOffK = 2 * kOffDO;
+  static constexpr int kOffV = kOffK + 16 * kN * Row::kPitch;
+  static constexpr size_t kSmemBytes = kOffV + 16 * kN * Row::kPitch;
+  static_assert((kN * (kD / 8)) % kTcThreads == 0, "loader split");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kTcThreads) attn_tc_dq_kernel(TcBwdParams p) {
+  using Dt = DqTile<kD>;
+  constexpr int kN = Dt::kN;
+  constexpr int kNT = kN / 8;   // S / dP n-tiles (keys)
+  constexpr int kOT = kD / 8;   // dQ n-tiles (head dim)
+  constexpr int kKS = kD / 16;  // k-steps over the head dim
+  if (p.skip_if != nullptr && *p.skip_if) return;  // uniform: the SIMT dq kernel serves this call
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int64_t nmt = (p.Lq + kBlockM - 1) / kBlockM;
+  const int64_t bh = (int64_t)blockIdx.x / nmt, b = bh / p.Hq, h = bh % p.Hq, kvh = h / p.group;
+  const int64_t i0 = ((int64_t)blockIdx.x % nmt) * kBlockM;
+  const int64_t ilast = (i0 + kBlockM < p.Lq ? i0 + kBlockM : p.Lq) - 1;
+  const int64_t rbase = (b * p.Hq + h) * p.Lq;
+
+  unsigned char* smem = pyllm_dynamic_smem<unsigned char>();
+  unsigned char* sq = smem;
+  unsigned char* sdo = smem + Dt::kOffDO;
+  unsigned char* sk = smem + Dt::kOffK;
+  unsigned char* sv = smem + Dt::kOffV;
+  load_tile<kD, kBlockM>(sq, static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1], p.qs[2], i0, p.Lq, p.d8);
+  load_tile<kD, kBlockM>(sdo, static_cast<const T*>(p.dout) + b * p.os[0] + h * p.os[1], p.os[2], i0, p.Lq, p.dv8);
+  tc::cp_async_commit();
+  const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + kvh * p.ks[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + kvh * p.vs[1];
+
+  // This lane's two rows: lane/4 and lane/4 + 8 of the warp's 16.
+  int ri[2], rlo[2], rhi[2];
+  int64_t moff[2];
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = i0 + warp * 16 + lane / 4 + 8 * r;
+    const bool valid = i < p.Lq;
+    ri[r] = (int)(valid ? i : i0);
+    rlo[r] = valid ? (int)p.g.lo(i) : 0;
+    rhi[r] = valid ? (int)p.g.hi(i) : 0;  // invalid rows see nothing
+    moff[r] = p.mask_kind != kMaskNone ? p.mi.offset(rbase + ri[r]) : 0;
+    lse2[r] = valid ? p.lse[rbase + i] * kLog2e : -INFINITY;
+    delta[r] = valid ? p.delta[rbase + i] : 0.f;
+  }
+  const float slope = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
+  const bool elementwise = p.mask_kind != kMaskNone || p.alibi != nullptr;
+  const int64_t klo = p.g.lo(i0);
+  int64_t khi = p.g.hi(ilast);
+  if (khi < klo) khi = klo;
+
+  float dq[kOT][4];
+#pragma unroll
+  for (int n = 0; n < kOT; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+
+  const int lm = lane / 8, lr = lane % 8;
+  const TcLane<kD> alane(lr, lm / 2);  // A from Q / dO rows: (rows +0/+8) x (chunk +0/+1)
+  const TcLane<kD> blane(lr, lm % 2);  // B from K / V rows: (chunk +0/+1) x (keys +0/+8)
+  const TcLane<kD> tlane(lr, lm / 2);  // B from K rows, .trans: (keys +0/+8) x (chunk +0/+1)
+  const int arow = 2 * warp + lm % 2, brow = lm / 2, trow = lm % 2;
+
+  for (int64_t k0 = klo; k0 < khi; k0 += kN) {
+    __syncthreads();  // the previous tile's reads of sk, sv are done
+    load_tile<kD, kN>(sk, kb, p.ks[2], k0, khi, p.d8);
+    load_tile<kD, kN>(sv, vb, p.vs[2], k0, khi, p.dv8);
+    tc::cp_async_commit();
+    tc::cp_async_wait<0>();
+    __syncthreads();
+
+    float s[kNT][4], dp[kNT][4];
+#pragma unroll
+    for (int n = 0; n < kNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kKS; ++kk) {
+      uint32_t a[4], c[4];
+      tc::ldmatrix_x4(a, sq + alane.at(arow, kk));
+      tc::ldmatrix_x4(c, sdo + alane.at(arow, kk));
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bf[4];
+        tc::ldmatrix_x4(bf, sk + blane.at(2 * np + brow, kk));
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        tc::mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
+        tc::mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
+        tc::ldmatrix_x4(bf, sv + blane.at(2 * np + brow, kk));
+        const uint32_t d0[2] = {bf[0], bf[1]}, d1[2] = {bf[2], bf[3]};
+        tc::mma_m16n8k16<T>(dp[2 * np], c, d0, dp[2 * np]);
+        tc::mma_m16n8k16<T>(dp[2 * np + 1], c, d1, dp[2 * np + 1]);
+      }
+    }
+
+    const bool full = !elementwise && k0 >= p.g.lo(ilast) && k0 + kN <= p.g.hi(i0);
+    int tlo[2], thi[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t a = rlo[r] - k0, z = rhi[r] - k0;
+      tlo[r] = (int)(a < 0 ? 0 : (a > kN ? kN : a));
+      thi[r] = (int)(z < 0 ? 0 : (z > kN ? kN : z));
+    }
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2, jt = n * 8 + 2 * (lane % 4) + (e % 2);
+        const int64_t j = k0 + jt, rid = rbase + ri[r];
+        float ds = 0.f;
+        if ((full || (jt >= tlo[r] && jt < thi[r])) && lse2[r] != -INFINITY) {
+          float x = s[n][e] * p.scale_log2;
+          if (!full) {
+            if (p.alibi) {
+              const int64_t pos = (int64_t)ri[r] + p.g.shift;
+              x -= slope * (float)(pos > j ? pos - j : j - pos);
+            }
+            if (p.mask_kind == kMaskBool) {
+              if (!static_cast<const bool*>(p.mask)[moff[r] + j * p.mi.col_stride]) x = -INFINITY;
+            } else if (p.mask_kind == kMaskFloat) {
+              x += static_cast<const float*>(p.mask)[moff[r] + j * p.mi.col_stride] * kLog2e;
+            }
+          }
+          if (x != -INFINITY) {
+            const float pr = exp2f(x - lse2[r]);
+            const float z = p.dropout ? (dropout_hash(p.seed, (uint64_t)rid * (uint64_t)p.Lk + (uint64_t)j) >=
+                                                 p.drop_threshold
+                                             ? p.drop_scale
+                                             : 0.f)
+                                      : 1.f;
+            ds = pr * (dp[n][e] * z - delta[r]);
+          }
+          if (p.dmask != nullptr) p.dmask[rid * p.Lk + j] = ds;
+        }
+        s[n][e] = ds;
+      }
+    }
+    // dQ += dS K: the C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < kOT / 2; ++np) {
+        uint32_t bf[4];
+        tc::ldmatrix_x4_trans(bf, sk + tlane.at(2 * kk + trow, np));
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        tc::mma_m16n8k16<T>(dq[2 * np], a, b0, dq[2 * np]);
+        tc::mma_m16n8k16<T>(dq[2 * np + 1], a, b1, dq[2 * np + 1]);
+      }
+    }
+  }
+  tc::cp_async_wait<0>();  // a CTA whose rows see no key still waits for its Q / dO copies
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = i0 + warp * 16 + lane / 4 + 8 * r;
+    if (i >= p.Lq) continue;
+    float* row = p.dq + (rbase + i) * p.D;
+#pragma unroll
+    for (int n = 0; n < kOT; ++n) {
+      const int col = n * 8 + 2 * (lane % 4);
+      if (col < p.D) row[col] = dq[n][2 * r] * p.scale;
+      if (col + 1 < p.D) row[col + 1] = dq[n][2 * r + 1] * p.scale;
+    }
+  }
+}
+
+template <typename T, int kD>
+void launch_dq(const TcBwdParams& p, int64_t B) {
+  using Dt = DqTile<kD>;
+  auto kern = attn_tc_dq_kernel<T, kD>;
+  const int64_t blocks = B * p.Hq * ((p.Lq + kBlockM - 1) / kBlockM);
+  TORCH_CHECK(blocks <= 0x7fffffff, "pyllm: attention dQ grid too large (", blocks, " CTAs)");
+  if (Dt::kSmemBytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Dt::kSmemBytes);
+    TORCH_CHECK(err == cudaSuccess, "pyllm: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, ", Dt::kSmemBytes,
+                ") failed: ", cudaGetErrorString(err));
+  }
+  PYLLM_LAUNCH(kern, (unsigned)blocks, kTcThreads, Dt::kSmemBytes, PYLLM_STREAM(), p);
+}
+
 template <int kD>
 void add_bwd_config(std::vector<std::vector<int64_t>>& out) {
   using Bt = BwdTile<kD>;
-  out.push_back({kD, kBwdKeys, Bt::kM, kTcThreads, (int64_t)Bt::kSmemBytes, Bt::kSplit});
+  out.push_back({kD, kBwdKeys, Bt::kM, kTcThreads, (int64_t)Bt::kSmemBytes, Bt::kSplit, DqTile<kD>::kN,
+                 (int64_t)DqTile<kD>::kSmemBytes});
 }
 
 }  // namespace
@@ -432,11 +635,13 @@ std::vector<std::vector<int64_t>> attention_tc_bwd_configs() {
   return out;
 }
 
-void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                           const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& delta,
-                           const TcAttnArgs& a, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask,
-                           const bool* skip_if) {
-  const at::Tensor q = tc_operand(query), k = tc_operand(key), v = tc_operand(value), o = tc_operand(grad_out);
+namespace {
+// The parameters both backward kernels take; q, k, v, o are the tc_operand views (kept alive by the
+// caller).
+TcBwdParams bwd_params(const at::Tensor& query, const at::Tensor& value, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& delta,
+                       const TcAttnArgs& a, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask,
+                       const bool* skip_if) {
   TcBwdParams p{};
   static_cast<AttnFeatures&>(p) = a.f;
   p.q = q.data_ptr();
@@ -446,8 +651,8 @@ void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq = dq.defined() ? dq.data_ptr<float>() : nullptr;
-  p.dk = dk.data_ptr<float>();
-  p.dv = dv.data_ptr<float>();
+  p.dk = dk.defined() ? dk.data_ptr<float>() : nullptr;
+  p.dv = dv.defined() ? dv.data_ptr<float>() : nullptr;
   p.dmask = dmask.defined() && dmask.numel() > 0 ? dmask.data_ptr<float>() : nullptr;
   for (int d = 0; d < 3; ++d) {
     p.qs[d] = q.stride(d);
@@ -455,7 +660,6 @@ void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const
     p.vs[d] = v.stride(d);
     p.os[d] = o.stride(d);
   }
-  const int64_t B = q.size(0);
   p.Hq = q.size(1);
   p.Hkv = k.size(1);
   p.Lq = q.size(2);
@@ -470,6 +674,17 @@ void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const
   p.mask = a.mask.defined() ? a.mask.data_ptr() : nullptr;
   p.mask_kind = !a.mask.defined() ? kMaskNone : (a.mask.scalar_type() == at::kBool ? kMaskBool : kMaskFloat);
   p.skip_if = skip_if;
+  return p;
+}
+}  // namespace
+
+void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                           const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& delta,
+                           const TcAttnArgs& a, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask,
+                           const bool* skip_if) {
+  const at::Tensor q = tc_operand(query), k = tc_operand(key), v = tc_operand(value), o = tc_operand(grad_out);
+  const TcBwdParams p = bwd_params(query, value, q, k, v, o, lse, delta, a, dq, dk, dv, dmask, skip_if);
+  const int64_t B = q.size(0);
   const int kd = attention_tc_bwd_head_dim(query.size(3), value.size(3));
   const bool half = q.scalar_type() == at::kHalf;
   switch (kd) {
@@ -477,6 +692,24 @@ void attention_tc_backward(const at::Tensor& query, const at::Tensor& key, const
     case 128: return half ? launch_bwd<__half, 128>(p, B) : launch_bwd<__nv_bfloat16, 128>(p, B);
     case 256: return half ? launch_bwd<__half, 256>(p, B) : launch_bwd<__nv_bfloat16, 256>(p, B);
     default: TORCH_CHECK(false, "pyllm: no tensor-core attention backward for head dims ", query.size(3), ", ",
+                         value.size(3));
+  }
+}
+
+void attention_tc_dq(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& delta, const TcAttnArgs& a,
+                     at::Tensor& dq, at::Tensor& dmask, const bool* skip_if) {
+  const at::Tensor q = tc_operand(query), k = tc_operand(key), v = tc_operand(value), o = tc_operand(grad_out);
+  at::Tensor none;
+  const TcBwdParams p = bwd_params(query, value, q, k, v, o, lse, delta, a, dq, none, none, dmask, skip_if);
+  const int64_t B = q.size(0);
+  const int kd = attention_tc_bwd_head_dim(query.size(3), value.size(3));
+  const bool half = q.scalar_type() == at::kHalf;
+  switch (kd) {
+    case 64: return half ? launch_dq<__half, 64>(p, B) : launch_dq<__nv_bfloat16, 64>(p, B);
+    case 128: return half ? launch_dq<__half, 128>(p, B) : launch_dq<__nv_bfloat16, 128>(p, B);
+    case 256: return half ? launch_dq<__half, 256>(p, B) : launch_dq<__nv_bfloat16, 256>(p, B);
+    default: TORCH_CHECK(false, "pyllm: no tensor-core attention dQ pass for head dims ", query.size(3), ", ",
                          value.size(3));
   }
 }

@@ -32,7 +32,7 @@ for _c in FA2_BWD_TILES.values():
 def configs() -> list[dict]:
     import pyllm._C_emu as emu
 
-    keys = ["head_dim", "keys", "queries", "threads", "smem", "split"]
+    keys = ["head_dim", "keys", "queries", "threads", "smem", "split", "dq_keys", "dq_smem"]
     return [dict(zip(keys, row)) for row in emu.attention_tc_bwd_configs()]
 
 
@@ -97,10 +97,10 @@ def estimate(c: dict, regs: int, g: gpu_model.Gpu) -> dict:
     return {"ctas": k, "clocks": clocks, "limiter": limiter, "tflops": tflops}
 
 
-def parse(rows: list[dict]) -> dict:
+def parse(rows: list[dict], kernel: str = "attn_tc_bwd_kernel") -> dict:
     out = {}
     for r in rows:
-        m = re.search(r"attn_tc_bwd_kernel<(__half|__nv_bfloat16), (\d+)>", r.get("kernel", ""))
+        m = re.search(kernel + r"<(__half|__nv_bfloat16), (\d+)>", r.get("kernel", ""))
         if m:
             out[(r["arch"], {"__half": "fp16", "__nv_bfloat16": "bf16"}[m.group(1)], int(m.group(2)))] = r
     return out
@@ -124,6 +124,19 @@ def render(rows: list[dict], secs: float) -> str:
             out.append(f"| {d} | {c['keys']} x {c['queries']} | {c['split']} | {c['smem'] / 1024:.1f} KiB | {g.arch} | "
                        f"{h['registers']} / {b['registers']} | {sp(h)} / {sp(b)} | "
                        f"{occupancy(c, max(h['registers'], b['registers']), g)} |")
+    dq = parse(rows, "attn_tc_dq_kernel")
+    out += ["", "### Deterministic mode's dQ pass (attn_tc_dq_kernel): registers, spills", "",
+            "A CTA per 64 query rows walks the key tiles (S, dP, dS, dQ += dS K; K and V single-buffered); "
+            "no atomics.", "",
+            "| head dim | keys per step | smem / CTA | arch | regs fp16 / bf16 | spill bytes (st+ld) fp16 / bf16 |",
+            "|---:|---:|---:|---|---|---|"]
+    for d, c in sorted(cfg.items()):
+        for g in gpu_model.GPUS:
+            h, b = dq.get((g.arch, "fp16", d)), dq.get((g.arch, "bf16", d))
+            if not h or not b:
+                continue
+            out.append(f"| {d} | {c['dq_keys']} | {c['dq_smem'] / 1024:.1f} KiB | {g.arch} | "
+                       f"{h['registers']} / {b['registers']} | {sp(h)} / {sp(b)} |")
     out += ["", "### Backward: estimated throughput against FlashAttention-2's backward, same model", "",
             "Both columns are this model's estimates (long sequences, no mask); FA2's are its backward tile "
             "shapes put through the same counts with 255 registers. The ratio is the target's measure "
@@ -149,7 +162,7 @@ def render(rows: list[dict], secs: float) -> str:
     out += ["", "Left out of the model: spills (listed above; each spilled value costs local-memory traffic), "
             "at head dim 256 the Q / dO loads not overlapping the step's products (single-buffered there for "
             "shared memory; double-buffered up to 128; the model assumes another resident CTA fills the wait), the atomics' L2 throughput, masks and dropout (element-wise work on "
-            "partial tiles only), and the separate dQ pass of deterministic mode (SIMT).", "", END]
+            "partial tiles only), and the separate dQ pass of deterministic mode (not modelled).", "", END]
     return "\n".join(out)
 
 
