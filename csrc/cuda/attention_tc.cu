@@ -227,11 +227,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_fwd_kernel(TcParams p) {
     // Row bounds relative to this tile, clamped to [0, kN]: 32-bit compares per element.
     int tlo[2], thi[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t a = rlo[r] - k0, z = rhi[r] - k0;
-      tlo[r] = (int)(a < 0 ? 0 : (a > kN ? kN : a));
-      thi[r] = (int)(z < 0 ? 0 : (z > kN ? kN : z));
-    }
+    for (int r = 0; r < 2; ++r) tile_bounds<kN>(rlo[r], rhi[r], k0, tlo[r], thi[r]);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {

@@ -98,7 +98,6 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
   constexpr int kM = Bt::kM;
   constexpr int kNT = kM / 8;   // S^T n-tiles (queries)
   constexpr int kOT = Bt::kDH / 8;  // dK / dV n-tiles (this CTA's columns of the head dim)
-  constexpr int kKS = kD / 16;      // k-steps over the head dim
   constexpr int kOTq = kOT / Bt::kColSplit;  // dQ n-tiles per warp
   if (p.skip_if != nullptr && *p.skip_if) return;  // uniform: the SIMT kernels serve this call
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
@@ -204,29 +203,8 @@ __global__ void __launch_bounds__(kTcThreads, kD <= 64 ? 2 : 0) attn_tc_bwd_kern
       const float* const sdelta = reinterpret_cast<const float*>(smem + Bt::kOffDelta) + buf * kM;
       const int64_t* const smoff = reinterpret_cast<const int64_t*>(smem + Bt::kOffMask) + buf * kM;
 
-      float s[kNT][4], dp[kNT][4];
-#pragma unroll
-      for (int n = 0; n < kNT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kKS; ++kk) {
-        uint32_t a[4], c[4];
-        tc::ldmatrix_x4(a, sk + alane.at(arow, kk));
-        tc::ldmatrix_x4(c, sv + alane.at(arow, kk));
-#pragma unroll
-        for (int np = 0; np < kNT / 2; ++np) {
-          uint32_t bf[4];
-          tc::ldmatrix_x4(bf, sq + blane.at(2 * np + brow, kk));
-          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-          tc::mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
-          tc::mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
-          tc::ldmatrix_x4(bf, sdo + blane.at(2 * np + brow, kk));
-          const uint32_t d0[2] = {bf[0], bf[1]}, d1[2] = {bf[2], bf[3]};
-          tc::mma_m16n8k16<T>(dp[2 * np], c, d0, dp[2 * np]);
-          tc::mma_m16n8k16<T>(dp[2 * np + 1], c, d1, dp[2 * np + 1]);
-        }
-      }
+      float s[kNT][4], dp[kNT][4];  // S^T = K_w Q^T, dP^T = V_w dO^T
+      mma_pair<T, kD, kNT>(s, dp, sk, sv, sq, sdo, alane, arow, blane, brow);
 
       // P^T (dropped) into s, dS^T into dp. A tile every (query, key) pair sees in full, with
       // no mask, ALiBi or dropout, skips the per-element tests.
@@ -435,7 +413,6 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_dq_kernel(TcBwdParams p) {
   constexpr int kN = Dt::kN;
   constexpr int kNT = kN / 8;   // S / dP n-tiles (keys)
   constexpr int kOT = kD / 8;   // dQ n-tiles (head dim)
-  constexpr int kKS = kD / 16;  // k-steps over the head dim
   if (p.skip_if != nullptr && *p.skip_if) return;  // uniform: the SIMT dq kernel serves this call
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int64_t nmt = (p.Lq + kBlockM - 1) / kBlockM;
@@ -494,38 +471,13 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_dq_kernel(TcBwdParams p) {
     tc::cp_async_wait<0>();
     __syncthreads();
 
-    float s[kNT][4], dp[kNT][4];
-#pragma unroll
-    for (int n = 0; n < kNT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kKS; ++kk) {
-      uint32_t a[4], c[4];
-      tc::ldmatrix_x4(a, sq + alane.at(arow, kk));
-      tc::ldmatrix_x4(c, sdo + alane.at(arow, kk));
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t bf[4];
-        tc::ldmatrix_x4(bf, sk + blane.at(2 * np + brow, kk));
-        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-        tc::mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
-        tc::mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
-        tc::ldmatrix_x4(bf, sv + blane.at(2 * np + brow, kk));
-        const uint32_t d0[2] = {bf[0], bf[1]}, d1[2] = {bf[2], bf[3]};
-        tc::mma_m16n8k16<T>(dp[2 * np], c, d0, dp[2 * np]);
-        tc::mma_m16n8k16<T>(dp[2 * np + 1], c, d1, dp[2 * np + 1]);
-      }
-    }
+    float s[kNT][4], dp[kNT][4];  // S = Q K^T, dP = dO V^T
+    mma_pair<T, kD, kNT>(s, dp, sq, sdo, sk, sv, alane, arow, blane, brow);
 
     const bool full = !elementwise && k0 >= p.g.lo(ilast) && k0 + kN <= p.g.hi(i0);
     int tlo[2], thi[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t a = rlo[r] - k0, z = rhi[r] - k0;
-      tlo[r] = (int)(a < 0 ? 0 : (a > kN ? kN : a));
-      thi[r] = (int)(z < 0 ? 0 : (z > kN ? kN : z));
-    }
+    for (int r = 0; r < 2; ++r) tile_bounds<kN>(rlo[r], rhi[r], k0, tlo[r], thi[r]);
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
 #pragma unroll

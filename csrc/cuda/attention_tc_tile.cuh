@@ -128,6 +128,46 @@ __device__ __forceinline__ bool tile_has_nonfinite(const unsigned char* tile) {
   return bad;
 }
 
+// Two products over the head dim in one loop (the backward's S and dP): s = A1 B1^T and
+// dp = A2 B2^T for one warp's 16 A rows (ldmatrix at row block arow of tiles a1, a2) and kNT * 8 B
+// rows (tiles b1, b2, row blocks 2 np + brow), all tiles in the TcTile<kD> layout.
+template <typename T, int kD, int kNT>
+__device__ __forceinline__ void mma_pair(float (&s)[kNT][4], float (&dp)[kNT][4], const unsigned char* a1,
+                                         const unsigned char* a2, const unsigned char* b1, const unsigned char* b2,
+                                         const TcLane<kD>& alane, int arow, const TcLane<kD>& blane, int brow) {
+#pragma unroll
+  for (int n = 0; n < kNT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    uint32_t a[4], c[4];
+    tc::ldmatrix_x4(a, a1 + alane.at(arow, kk));
+    tc::ldmatrix_x4(c, a2 + alane.at(arow, kk));
+#pragma unroll
+    for (int np = 0; np < kNT / 2; ++np) {
+      uint32_t bf[4];
+      tc::ldmatrix_x4(bf, b1 + blane.at(2 * np + brow, kk));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1f[2] = {bf[2], bf[3]};
+      tc::mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
+      tc::mma_m16n8k16<T>(s[2 * np + 1], a, b1f, s[2 * np + 1]);
+      tc::ldmatrix_x4(bf, b2 + blane.at(2 * np + brow, kk));
+      const uint32_t d0[2] = {bf[0], bf[1]}, d1[2] = {bf[2], bf[3]};
+      tc::mma_m16n8k16<T>(dp[2 * np], c, d0, dp[2 * np]);
+      tc::mma_m16n8k16<T>(dp[2 * np + 1], c, d1, dp[2 * np + 1]);
+    }
+  }
+}
+
+// A row's visible keys [lo, hi) relative to a tile starting at key k0, clamped to [0, kN]: the
+// per-element causal / window test becomes two 32-bit compares.
+template <int kN>
+__device__ __forceinline__ void tile_bounds(int64_t lo, int64_t hi, int64_t k0, int& tlo, int& thi) {
+  const int64_t a = lo - k0, z = hi - k0;
+  tlo = (int)(a < 0 ? 0 : (a > kN ? kN : a));
+  thi = (int)(z < 0 ? 0 : (z > kN ? kN : z));
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (std::is_same_v<T, __half>)
